@@ -1,0 +1,90 @@
+"""The ``indicf5`` command. Exit status: 0 done, 2 bad input (one line on stderr), 1 failure."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from indicf5.errors import InputError
+
+
+def _make_synthetic(args) -> None:
+    from indicf5.synthetic import make_synthetic
+
+    out = make_synthetic(args.dir, dim=args.dim, depth=args.depth, heads=args.heads, text_dim=args.text_dim,
+                         conv_layers=args.conv_layers, seed=args.seed, replace=args.force)
+    print(f"synthetic IndicF5 snapshot: {out}")
+    print(f"  reference: {out / 'reference.wav'} ({(out / 'reference.txt').read_text().strip()})")
+
+
+def _synth(args) -> None:
+    from indicf5.audio import write_wav
+    from indicf5.config import SamplingConfig
+    from indicf5.synth import Synthesizer
+
+    ref_text = args.ref_text
+    if ref_text is None:
+        ref_txt = Path(args.ref_audio).with_suffix(".txt")
+        if not ref_txt.is_file():
+            raise InputError(f"no --ref-text given and no transcript at {ref_txt}: give --ref-text")
+        ref_text = ref_txt.read_text(encoding="utf-8").strip()
+    sampling = SamplingConfig(nfe=args.nfe, cfg_strength=args.cfg, speed=args.speed, seed=args.seed)
+    synth = Synthesizer.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, vocab=args.vocab, vocoder_dir=args.vocoder)
+    speech = synth.synthesize(args.text, args.ref_audio, ref_text, sampling, progress=True)
+    write_wav(args.out, speech.wave, speech.sample_rate)
+    print(f"{args.out}: {len(speech.wave) / speech.sample_rate:.2f} s at {speech.sample_rate} Hz, {len(speech.chunks)} chunk(s)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="indicf5", description="IndicF5 text-to-speech: reference library and engine builds")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-synthetic", help="write a synthetic IndicF5 snapshot (random weights, real layout)")
+    s.add_argument("dir", type=Path)
+    s.add_argument("--dim", type=int, default=64)
+    s.add_argument("--depth", type=int, default=2)
+    s.add_argument("--heads", type=int, default=4)
+    s.add_argument("--text-dim", type=int, default=32)
+    s.add_argument("--conv-layers", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace an existing directory")
+    s.set_defaults(run=_make_synthetic)
+
+    s = sub.add_parser("synth", help="speak text in the voice of a reference clip")
+    s.add_argument("--checkpoint", required=True, type=Path, help="snapshot directory or .safetensors/.pt file")
+    s.add_argument("--text", required=True)
+    s.add_argument("--ref-audio", required=True, type=Path)
+    s.add_argument("--ref-text", help="transcript of the reference (default: the .txt beside --ref-audio)")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--vocab", type=Path, help="vocab.txt, when --checkpoint is a single file")
+    s.add_argument("--vocoder", type=Path, help="local vocos directory, when the checkpoint bundles no vocoder")
+    s.add_argument("--nfe", type=int, default=32)
+    s.add_argument("--cfg", type=float, default=2.0)
+    s.add_argument("--speed", type=float, default=1.0)
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--seed", type=int)
+    s.set_defaults(run=_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+    try:
+        args.run(args)
+    except InputError as e:
+        print(f"indicf5 {args.command}: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"indicf5 {args.command}: {e}; pass --force to replace it", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

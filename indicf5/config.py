@@ -1,0 +1,56 @@
+"""Typed settings at the library's edges: model architecture, mel features, sampling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DType = Literal["fp32", "fp16", "bf16"]
+
+
+class ModelConfig(BaseModel):
+    """The F5-TTS DiT as IndicF5 configures it (F5TTS_Base: the v0 architecture)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dim: int = 1024
+    depth: int = 22
+    heads: int = 16
+    dim_head: int = 64
+    ff_mult: int = 2
+    text_dim: int = 512
+    conv_layers: int = 4
+    mel_dim: int = 100
+    text_num_embeds: int = Field(2545, description="vocab size; the embedding has one more row (filler 0)")
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> "ModelConfig":
+        if self.heads * self.dim_head != self.dim:
+            raise ValueError(f"heads*dim_head must equal dim, got {self.heads}*{self.dim_head} != {self.dim}")
+        return self
+
+
+class MelConfig(BaseModel):
+    """Vocos' 24 kHz mel front end; IndicF5 was trained on exactly these features."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sample_rate: int = 24_000
+    n_fft: int = 1024
+    hop_length: int = 256
+    win_length: int = 1024
+    n_mels: int = 100
+
+
+class SamplingConfig(BaseModel):
+    """IndicF5's inference defaults (f5_tts/infer/utils_infer.py)."""
+
+    nfe: int = Field(32, ge=1, le=1024, description="Euler steps (number of function evaluations)")
+    cfg_strength: float = Field(2.0, ge=0.0, description="classifier-free guidance strength")
+    sway_coef: float | None = Field(-1.0, description="sway sampling coefficient; None for a uniform grid")
+    speed: float = Field(1.0, gt=0.0, description="speech rate; >1 is faster (shorter duration)")
+    target_rms: float = Field(0.1, gt=0.0, description="quiet references are raised to this RMS")
+    cross_fade_s: float = Field(0.15, ge=0.0, description="cross-fade between text chunks")
+    max_frames: int = Field(4096, description="IndicF5's longest generated sequence (~43.7 s)")
+    seed: int | None = None

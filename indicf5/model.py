@@ -1,0 +1,264 @@
+"""The IndicF5 transformer: F5-TTS's DiT in its v0 (F5TTS_Base) form, the fp32 yardstick.
+
+One forward pass predicts the flow (velocity) of the mel frames at time t:
+
+    text ids ─TextEmbedding─> text_emb (b, n, text_dim)      computed once per utterance
+    x (noisy mel), cond (reference mel, zero past it), text_emb
+        ─InputEmbedding─> h (b, n, dim)  ─ depth × DiTBlock(h, t_emb, rope) ─> AdaLN ─> proj ─> (b, n, mel)
+
+Parameter names follow upstream's state dict exactly (``time_embed.time_mlp.0``, ``ff.ff.0.0`` ...)
+so IndicF5's checkpoint loads as it is. Classifier-free guidance is not the model's business: the
+sampler batches the conditional and unconditional rows (see sampler.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from indicf5.config import ModelConfig
+
+TEXT_MAX_POS = 4096  # IndicF5's precomputed text positions (~43.7 s); later positions reuse the last
+
+
+# ---------------------------------------------------------------------------------------------
+# positions
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    """Timestep embedding: (b,) -> (b, dim) as [sin | cos]; computed in fp32, cast to t's dtype."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))
+    angles = scale * t.float()[:, None] * freqs[None, :]
+    return torch.cat((angles.sin(), angles.cos()), dim=-1).to(t.dtype)
+
+
+def text_position_table(dim: int, length: int, theta: float = 10000.0) -> torch.Tensor:
+    """Absolute positions added to the text embedding: (length, dim) as [cos | sin]."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    angles = torch.outer(torch.arange(length).float(), freqs)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def rope_inv_freq(dim_head: int, base: float = 10000.0) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim_head, 2).float() / dim_head))
+
+
+def rope_angles(seq_len: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """(n, dim_head) angles, each frequency repeated for its (even, odd) channel pair."""
+    angles = torch.arange(seq_len, device=inv_freq.device).float()[:, None] * inv_freq[None, :]
+    return angles.repeat_interleave(2, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of x (..., n, d) by angles (n, d); math in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (x.float() * angles.cos() + rotated * angles.sin()).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+
+
+class GRN(nn.Module):
+    """Global response normalisation (ConvNeXt-V2), taken over the sequence axis."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, n, d)
+        gx = torch.norm(x, p=2, dim=1, keepdim=True)  # (b, 1, d)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+class ConvNeXtV2Block(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, hidden)
+        self.grn = GRN(hidden)
+        self.pwconv2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, n, d)
+        h = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
+        h = self.pwconv2(self.grn(F.gelu(self.pwconv1(self.norm(h)))))
+        return x + h
+
+
+class TextEmbedding(nn.Module):
+    """Character ids -> per-frame text features, padded with the filler token to the mel length."""
+
+    def __init__(self, vocab_size: int, dim: int, conv_layers: int):
+        super().__init__()
+        self.text_embed = nn.Embedding(vocab_size + 1, dim)  # row 0 is the filler token
+        self.register_buffer("positions", text_position_table(dim, TEXT_MAX_POS), persistent=False)
+        self.text_blocks = nn.Sequential(*[ConvNeXtV2Block(dim, dim * 2) for _ in range(conv_layers)])
+
+    def forward(self, text: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """text: (b, nt) ids with -1 for batch padding (all -1 is the unconditional text)."""
+        ids = (text + 1)[:, :seq_len]  # -1 -> filler 0; text longer than the audio is cut
+        ids = F.pad(ids, (0, seq_len - ids.shape[1]), value=0)
+        h = self.text_embed(ids)  # (b, n, text_dim)
+        pos = torch.arange(seq_len, device=h.device).clamp(max=TEXT_MAX_POS - 1)
+        h = h + self.positions[pos].to(h.dtype)
+        return self.text_blocks(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# audio input
+
+
+class ConvPositionEmbedding(nn.Module):
+    """Two grouped convolutions (kernel 31) with Mish; padded frames are zeroed before each."""
+
+    def __init__(self, dim: int, kernel_size: int = 31, groups: int = 16):
+        super().__init__()
+        conv = lambda: nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=kernel_size // 2)  # noqa: E731
+        self.conv1d = nn.Sequential(conv(), nn.Mish(), conv(), nn.Mish())
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x.transpose(1, 2)  # (b, d, n)
+        keep = None if mask is None else mask[:, None, :]
+        for layer in self.conv1d:
+            if keep is not None and isinstance(layer, nn.Conv1d):
+                h = h.masked_fill(~keep, 0.0)
+            h = layer(h)
+        if keep is not None:
+            h = h.masked_fill(~keep, 0.0)
+        return h.transpose(1, 2)
+
+
+class InputEmbedding(nn.Module):
+    def __init__(self, mel_dim: int, text_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(mel_dim * 2 + text_dim, dim)
+        self.conv_pos_embed = ConvPositionEmbedding(dim)
+
+    def forward(self, x, cond, text_emb, mask=None):
+        h = self.proj(torch.cat((x, cond, text_emb), dim=-1))
+        return h + self.conv_pos_embed(h, mask)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (b,) -> (b, dim)
+        return self.time_mlp(sinusoidal_embedding(t, self.freq_dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# transformer
+
+
+class AdaLayerNormZero(nn.Module):
+    """LayerNorm modulated by the time embedding; also yields the gates and the MLP's shift/scale."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim * 6)
+
+    def forward(self, x, t_emb):
+        shift, scale, gate, shift_ff, scale_ff, gate_ff = self.linear(F.silu(t_emb)).chunk(6, dim=-1)
+        h = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+        return h, gate, shift_ff, scale_ff, gate_ff
+
+
+class AdaLayerNormFinal(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim * 2)
+
+    def forward(self, x, t_emb):
+        scale, shift = self.linear(F.silu(t_emb)).chunk(2, dim=-1)  # note: scale first, unlike above
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Self-attention; rotary positions on the first head only (F5TTS_Base's pe_attn_head=1)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.to_q = nn.Linear(dim, heads * dim_head)
+        self.to_k = nn.Linear(dim, heads * dim_head)
+        self.to_v = nn.Linear(dim, heads * dim_head)
+        self.to_out = nn.ModuleList([nn.Linear(heads * dim_head, dim)])
+
+    def forward(self, x, rope, mask=None):
+        b, n, _ = x.shape
+        q, k, v = (proj(x).view(b, n, self.heads, self.dim_head).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        q = torch.cat((apply_rope(q[:, :1], rope), q[:, 1:]), dim=1)  # (b, h, n, dh)
+        k = torch.cat((apply_rope(k[:, :1], rope), k[:, 1:]), dim=1)
+        key_mask = None if mask is None else mask[:, None, None, :]  # padded keys are not attended
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        h = self.to_out[0](h.transpose(1, 2).reshape(b, n, -1))
+        return h if mask is None else h.masked_fill(~mask[..., None], 0.0)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        # nested so the names read ff.0.0 / ff.2 as in upstream's checkpoints
+        self.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(approximate="tanh")), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.ff(x)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.attn_norm = AdaLayerNormZero(dim)
+        self.attn = Attention(dim, heads, dim_head)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, x, t_emb, rope, mask=None):
+        h, gate, shift_ff, scale_ff, gate_ff = self.attn_norm(x, t_emb)
+        x = x + gate[:, None] * self.attn(h, rope, mask)
+        h = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale_ff[:, None]) + shift_ff[:, None]
+        return x + gate_ff[:, None] * self.ff(h)
+
+
+class DiT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        self.time_embed = TimestepEmbedding(c.dim)
+        self.text_embed = TextEmbedding(c.text_num_embeds, c.text_dim, c.conv_layers)
+        self.input_embed = InputEmbedding(c.mel_dim, c.text_dim, c.dim)
+        self.rotary_embed = nn.Module()
+        self.rotary_embed.register_buffer("inv_freq", rope_inv_freq(c.dim_head))  # saved in checkpoints
+        self.transformer_blocks = nn.ModuleList([DiTBlock(c.dim, c.heads, c.dim_head, c.ff_mult) for _ in range(c.depth)])
+        self.norm_out = AdaLayerNormFinal(c.dim)
+        self.proj_out = nn.Linear(c.dim, c.mel_dim)
+
+    def embed_text(self, text: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """(b, nt) ids -> (b, seq_len, text_dim). Constant over the ODE steps: compute it once."""
+        return self.text_embed(text, seq_len)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (b, n, mel) noisy mel at time t
+        cond: torch.Tensor,  # (b, n, mel) reference mel, zero where generated (and for uncond rows)
+        text_emb: torch.Tensor,  # (b, n, text_dim) from embed_text
+        time: torch.Tensor,  # (b,) or () flow time in [0, 1]
+        mask: torch.Tensor | None = None,  # (b, n) True on real frames, for batches of mixed length
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        t_emb = self.time_embed(time.expand(b) if time.ndim == 0 else time)
+        h = self.input_embed(x, cond, text_emb, mask)
+        rope = rope_angles(n, self.rotary_embed.inv_freq)
+        for block in self.transformer_blocks:
+            h = block(h, t_emb, rope, mask)
+        return self.proj_out(self.norm_out(h, t_emb))

@@ -1,0 +1,128 @@
+"""Conditional flow matching sampler: Euler steps on a sway-warped time grid with CFG.
+
+    x_0 ~ N(0, I)                         one seed per utterance, as upstream draws it
+    x_{i+1} = x_i + (t_{i+1} - t_i) * v(x_i, t_i)
+    v = v_cond + cfg * (v_cond - v_uncond)     both rows in one batch of 2b
+    t = s + sway * (cos(pi/2 s) - 1 + s),  s = linspace(0, 1, nfe + 1)
+
+The reference frames are copied back over the result. The time grid stays in fp32 whatever the
+model's dtype (a bf16 grid collapses adjacent steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+# velocity(x (b, n, mel), t scalar fp32 tensor) -> (b, n, mel)
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FlowModel(Protocol):
+    """What the sampler needs of a transformer: the reference DiT, or an engine built from it."""
+
+    def embed_text(self, text: torch.Tensor, seq_len: int) -> torch.Tensor: ...
+
+    def __call__(self, x, cond, text_emb, time, mask=None) -> torch.Tensor: ...
+
+
+def time_grid(nfe: int, sway_coef: float | None, device=None) -> torch.Tensor:
+    t = torch.linspace(0.0, 1.0, nfe + 1, device=device, dtype=torch.float32)
+    if sway_coef is not None:
+        t = t + sway_coef * (torch.cos(torch.pi / 2 * t) - 1 + t)
+    return t
+
+
+def euler(velocity: VelocityFn, x: torch.Tensor, t: torch.Tensor, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    for t0, t1 in zip(t[:-1], t[1:]):
+        x = x + (t1 - t0).to(x.dtype) * velocity(x, t0)
+        if on_step:
+            on_step()
+    return x
+
+
+def initial_noise(durations: list[int], n_mels: int, seed: int | None, device, dtype) -> torch.Tensor:
+    """(b, max(durations), mel) noise, zero-padded; each row re-seeded so it does not depend on the batch."""
+    rows = []
+    for n in durations:
+        if seed is not None:
+            torch.manual_seed(seed)
+        rows.append(torch.randn(n, n_mels, device=device, dtype=dtype))
+    return pad_sequence(rows, batch_first=True)
+
+
+def lengths_to_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+@dataclass
+class GuidedVelocity:
+    """v(x, t) with classifier-free guidance, the conditional and unconditional rows in one batch."""
+
+    model: FlowModel
+    cond: torch.Tensor  # (b, n, mel) reference mel, zero past each reference
+    text_emb: torch.Tensor  # (2b, n, text_dim): conditional rows, then unconditional rows
+    cfg_strength: float
+    mask: torch.Tensor | None = None  # (b, n)
+
+    @classmethod
+    def prepare(cls, model: FlowModel, cond, text, cfg_strength, mask=None) -> "GuidedVelocity":
+        n = cond.shape[1]
+        if cfg_strength < 1e-5:  # guidance off: the unconditional rows are not needed
+            return cls(model, cond, model.embed_text(text, n), cfg_strength, mask)
+        text_both = torch.cat((text, torch.full_like(text, -1)))  # all -1: the dropped text
+        return cls(model, cond, model.embed_text(text_both, n), cfg_strength, mask)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.cfg_strength < 1e-5:
+            return self.model(x, self.cond, self.text_emb, t.to(x.dtype).expand(x.shape[0]), self.mask)
+        b = x.shape[0]
+        out = self.model(
+            torch.cat((x, x)),
+            torch.cat((self.cond, torch.zeros_like(self.cond))),  # dropped audio condition
+            self.text_emb,
+            t.to(x.dtype).expand(2 * b),
+            None if self.mask is None else torch.cat((self.mask, self.mask)),
+        )
+        v_cond, v_uncond = out[:b], out[b:]
+        return v_cond + (v_cond - v_uncond) * self.cfg_strength
+
+
+@torch.inference_mode()
+def sample(
+    model: FlowModel,
+    cond: torch.Tensor,  # (b, n_ref, mel) reference mels, zero-padded
+    text: torch.Tensor,  # (b, nt) ids, -1 padded
+    durations: list[int],  # total frames (reference + generated) per row
+    *,
+    ref_lens: list[int] | None = None,
+    nfe: int = 32,
+    cfg_strength: float = 2.0,
+    sway_coef: float | None = -1.0,
+    seed: int | None = None,
+    max_frames: int = 4096,
+    dtype: torch.dtype | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """(b, max(durations), mel) mel frames, the reference frames included, in fp32."""
+    b, n_ref, n_mels = cond.shape
+    dtype = dtype or cond.dtype
+    device = cond.device
+    ref_lens_t = torch.tensor(ref_lens or [n_ref] * b, device=device)
+    text_lens = (text != -1).sum(-1)
+    # at least one frame past the reference and the text, so something is generated
+    durations = [min(max(d, int(max(r, tl)) + 1), max_frames) for d, r, tl in zip(durations, ref_lens_t.tolist(), text_lens.tolist())]
+    n = max(durations)
+
+    ref_mask = lengths_to_mask(ref_lens_t, n)[..., None]  # (b, n, 1)
+    cond = torch.nn.functional.pad(cond.to(dtype), (0, 0, 0, max(0, n - n_ref)))[:, :n]
+    cond = torch.where(ref_mask, cond, torch.zeros_like(cond))
+    mask = lengths_to_mask(torch.tensor(durations, device=device), n) if b > 1 else None
+
+    velocity = GuidedVelocity.prepare(model, cond, text, cfg_strength, mask)
+    x0 = initial_noise(durations, n_mels, seed, device, dtype)
+    x1 = euler(velocity, x0, time_grid(nfe, sway_coef, device), on_step)
+    return torch.where(ref_mask, cond, x1).float()

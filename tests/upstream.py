@@ -1,0 +1,54 @@
+"""Upstream F5-TTS (PyPI ``f5-tts``) as a test-only oracle.
+
+Its ``f5_tts.model`` package imports the trainer (wandb, datasets, ...), so the DiT and CFM modules
+are imported through a bare package module, with stand-ins for the tokenizer and librosa modules
+that the DiT and the sampler never call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+
+
+def _stub(name: str, **attrs) -> None:
+    if name not in sys.modules:
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+
+
+def _not_used(*_args, **_kwargs):
+    raise AssertionError("the oracle should not call this")
+
+
+def load():
+    """Returns (DiT class, CFM class) of upstream F5-TTS, or skips when it is not installed."""
+    spec = importlib.util.find_spec("f5_tts")
+    if spec is None:
+        pytest.skip("f5-tts is not installed (make test installs it)")
+    if "f5_tts.model" not in sys.modules:
+        package = types.ModuleType("f5_tts.model")
+        package.__path__ = [spec.submodule_search_locations[0] + "/model"]
+        sys.modules["f5_tts.model"] = package
+        _stub("rjieba", cut=_not_used)
+        _stub("pypinyin", lazy_pinyin=_not_used, Style=types.SimpleNamespace(TONE3=3))
+        _stub("librosa")
+        _stub("librosa.filters", mel=_not_used)
+    from f5_tts.model.backbones.dit import DiT
+    from f5_tts.model.cfm import CFM
+
+    return DiT, CFM
+
+
+def f5tts_base_kwargs(config) -> dict:
+    """Upstream's F5TTS_Base architecture (IndicF5's) at the given sizes."""
+    return dict(
+        dim=config.dim, depth=config.depth, heads=config.heads, dim_head=config.dim_head,
+        ff_mult=config.ff_mult, text_dim=config.text_dim, conv_layers=config.conv_layers,
+        mel_dim=config.mel_dim, text_num_embeds=config.text_num_embeds,
+        text_mask_padding=False, pe_attn_head=1, attn_mask_enabled=False, dropout=0.0,
+    )

@@ -56,7 +56,12 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                 if isinstance(raw, dict) and key in raw:
                     return raw[key]
             return raw
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise InputError(f"checkpoint {path} holds Python objects besides tensors and was refused "
+                             "(.pt files load with weights_only=True): save a plain state dict") from None
+        raise InputError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}): download it again") from None
+    except (SafetensorError, RuntimeError, EOFError, OSError) as e:
         raise InputError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}): download it again") from None
     raise InputError(f"unsupported checkpoint file {path.name}: expected .safetensors or .pt")
 

@@ -58,6 +58,16 @@ def lengths_to_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
     return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def embed_text_rows(model: FlowModel, text: torch.Tensor, durations: list[int], n: int) -> torch.Tensor:
+    """(b, n, text_dim) text features, each row embedded at its own length and zero-padded to n,
+    so a row's result does not depend on the rows batched with it (the text convolutions and
+    their global response norm see the whole row)."""
+    if len(set(durations)) == 1:
+        return model.embed_text(text, n)
+    rows = [model.embed_text(row[None], d)[0] for row, d in zip(text, durations)]
+    return pad_sequence(rows, batch_first=True)
+
+
 @dataclass
 class GuidedVelocity:
     """v(x, t) with classifier-free guidance, the conditional and unconditional rows in one batch."""
@@ -69,12 +79,12 @@ class GuidedVelocity:
     mask: torch.Tensor | None = None  # (b, n)
 
     @classmethod
-    def prepare(cls, model: FlowModel, cond, text, cfg_strength, mask=None) -> "GuidedVelocity":
+    def prepare(cls, model: FlowModel, cond, text, cfg_strength, durations: list[int]) -> "GuidedVelocity":
         n = cond.shape[1]
-        if cfg_strength < 1e-5:  # guidance off: the unconditional rows are not needed
-            return cls(model, cond, model.embed_text(text, n), cfg_strength, mask)
-        text_both = torch.cat((text, torch.full_like(text, -1)))  # all -1: the dropped text
-        return cls(model, cond, model.embed_text(text_both, n), cfg_strength, mask)
+        mask = lengths_to_mask(torch.tensor(durations, device=cond.device), n) if len(durations) > 1 else None
+        if cfg_strength >= 1e-5:  # guidance on: unconditional rows follow, their text all dropped (-1)
+            text, durations = torch.cat((text, torch.full_like(text, -1))), durations * 2
+        return cls(model, cond, embed_text_rows(model, text, durations, n), cfg_strength, mask)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.cfg_strength < 1e-5:
@@ -120,9 +130,7 @@ def sample(
     ref_mask = lengths_to_mask(ref_lens_t, n)[..., None]  # (b, n, 1)
     cond = torch.nn.functional.pad(cond.to(dtype), (0, 0, 0, max(0, n - n_ref)))[:, :n]
     cond = torch.where(ref_mask, cond, torch.zeros_like(cond))
-    mask = lengths_to_mask(torch.tensor(durations, device=device), n) if b > 1 else None
-
-    velocity = GuidedVelocity.prepare(model, cond, text, cfg_strength, mask)
+    velocity = GuidedVelocity.prepare(model, cond, text, cfg_strength, durations)
     x0 = initial_noise(durations, n_mels, seed, device, dtype)
     x1 = euler(velocity, x0, time_grid(nfe, sway_coef, device), on_step)
     return torch.where(ref_mask, cond, x1).float()

@@ -34,14 +34,29 @@ def load():
         package = types.ModuleType("f5_tts.model")
         package.__path__ = [spec.submodule_search_locations[0] + "/model"]
         sys.modules["f5_tts.model"] = package
-        _stub("rjieba", cut=_not_used)
-        _stub("pypinyin", lazy_pinyin=_not_used, Style=types.SimpleNamespace(TONE3=3))
+        # IndicF5 segments with jieba where F5-TTS 1.x uses rjieba; both expose cut(text)
+        jieba = importlib.import_module("jieba") if importlib.util.find_spec("jieba") else None
+        if jieba is not None:
+            jieba.setLogLevel(60)
+        _stub("rjieba", cut=(lambda text: list(jieba.cut(text))) if jieba else _not_used)
+        if importlib.util.find_spec("pypinyin") is None:
+            _stub("pypinyin", lazy_pinyin=_not_used, Style=types.SimpleNamespace(TONE3=3))
         _stub("librosa")
         _stub("librosa.filters", mel=_not_used)
     from f5_tts.model.backbones.dit import DiT
     from f5_tts.model.cfm import CFM
 
     return DiT, CFM
+
+
+def char_tokenizer():
+    """IndicF5's tokenizer (convert_char_to_pinyin over jieba), or skips without jieba/pypinyin."""
+    load()
+    if importlib.util.find_spec("jieba") is None or importlib.util.find_spec("pypinyin") is None:
+        pytest.skip("jieba and pypinyin are needed for the tokenizer oracle (make test installs them)")
+    from f5_tts.model.utils import convert_char_to_pinyin
+
+    return lambda text: convert_char_to_pinyin([text])[0]
 
 
 def f5tts_base_kwargs(config) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from indicf5.config import ModelConfig
 from indicf5.errors import InputError
@@ -154,3 +154,34 @@ def build_model(ckpt: Checkpoint, device="cpu", dtype: torch.dtype = torch.float
     model = DiT(ckpt.config)
     model.load_state_dict(ckpt.transformer)
     return model.to(device=device, dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# runbook step 1: export the transformer
+
+EXPORT_PT = "indicf5_transformer.pt"
+EXPORT_SAFETENSORS = "indicf5_transformer.safetensors"
+EXPORT_VOCAB = "vocab.txt"
+EXPORT_VOCODER = "vocoder.safetensors"
+EXPORT_PREFIX = "ema_model.transformer."  # what the runbook's TensorRT-LLM converter expects
+
+
+def export_transformer(snapshot: str | Path, out: Path) -> dict:
+    """Writes ``indicf5_transformer.pt`` ({"ema_model_state_dict": {"ema_model.transformer.*"}}),
+    its safetensors twin, the vocab and (when bundled) the vocoder weights into `out`."""
+    ckpt = load_checkpoint(snapshot)
+    state = {EXPORT_PREFIX + k: v.contiguous() for k, v in ckpt.transformer.items()}
+    torch.save({"ema_model_state_dict": state}, out / EXPORT_PT)
+    save_file(state, str(out / EXPORT_SAFETENSORS), metadata={"format": "pt"})
+    (out / EXPORT_VOCAB).write_text("".join(c + "\n" for c in ckpt.vocab.chars), encoding="utf-8")
+    if ckpt.vocoder:
+        save_file({k: v.contiguous() for k, v in ckpt.vocoder.items()}, str(out / EXPORT_VOCODER))
+    return {"model": ckpt.config.model_dump(), "parameters": sum(v.numel() for v in ckpt.transformer.values()),
+            "vocoder_bundled": bool(ckpt.vocoder)}
+
+
+def load_export(export_dir: Path) -> Checkpoint:
+    ckpt = load_checkpoint(export_dir / EXPORT_SAFETENSORS, export_dir / EXPORT_VOCAB)
+    if (export_dir / EXPORT_VOCODER).is_file():
+        ckpt.vocoder = load_file(str(export_dir / EXPORT_VOCODER))
+    return ckpt

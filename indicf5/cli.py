@@ -38,6 +38,37 @@ def _synth(args) -> None:
     print(f"{args.out}: {len(speech.wave) / speech.sample_rate:.2f} s at {speech.sample_rate} Hz, {len(speech.chunks)} chunk(s)")
 
 
+def _build(args) -> int:
+    from flows.build import BuildFailed, StageFailed, build_engine_flow
+    from indicf5.parity import ParityConfig
+    from indicf5.settings import Settings
+
+    params = dict(repo_id=args.repo_id, revision=args.revision, checkpoint=args.checkpoint, synthetic=args.synthetic,
+                  backends=args.backend or ["eager"], dtypes=args.dtype or ["fp32", "fp16"], nfe=args.nfe,
+                  bench_lengths=args.bench_lengths, parity=ParityConfig(nfe=args.parity_nfe))
+    state = build_engine_flow(**params, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, StageFailed) and isinstance(outcome.error, InputError):
+        raise InputError(f"{outcome.stage}: {outcome.error}")
+    if isinstance(outcome, StageFailed):
+        print(f"indicf5 build: stage {outcome.stage} failed: {outcome.error}", file=sys.stderr)
+        return 1
+    summary = outcome.summary if isinstance(outcome, BuildFailed) else outcome
+    settings = Settings()
+    print(f"\nbuilt {summary.source.repo_id} @ {summary.source.sha[:12]}")
+    for b in summary.branches:
+        if b.error:
+            print(f"  {b.backend:8} {b.dtype}: FAILED {b.error}")
+        else:
+            print(f"  {b.backend:8} {b.dtype}: engine {b.engine}  (parity relL2 {b.parity_rel_l2:.1e}; manifest {b.engine}/manifest.json)")
+    print("  stages: " + ", ".join(f"{k}={v}" for k, v in summary.stages.items()))
+    print(f"MLflow run {summary.mlflow_run_id} in {summary.tracking_uri}")
+    print(f"  open it:   mlflow ui --backend-store-uri {settings.tracking_uri}   (then http://127.0.0.1:5000)")
+    print("  Prefect:   prefect server start   (then http://127.0.0.1:4200; set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    print("             before a build to watch it live)")
+    return 1 if summary.failed else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="indicf5", description="IndicF5 text-to-speech: reference library and engine builds")
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,22 +99,35 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--seed", type=int)
     s.set_defaults(run=_synth)
+
+    s = sub.add_parser("build", help="build engines: resolve, download, export, convert, build, verify, benchmark, register")
+    source = s.add_mutually_exclusive_group()
+    source.add_argument("--synthetic", action="store_true", help="the embedded synthetic snapshot (no hub)")
+    source.add_argument("--checkpoint", help="a local IndicF5 snapshot directory")
+    source.add_argument("--repo-id", default="ai4bharat/IndicF5")
+    s.add_argument("--revision", default="main", help="branch, tag or commit sha")
+    s.add_argument("--backend", action="append", help="eager, compiled, trtllm (repeatable; default eager)")
+    s.add_argument("--dtype", action="append", choices=["fp32", "fp16", "bf16"], help="repeatable; default fp32 and fp16")
+    s.add_argument("--nfe", type=int, default=32)
+    s.add_argument("--bench-lengths", type=int, nargs="+", default=[250, 500], metavar="FRAMES")
+    s.add_argument("--parity-nfe", type=int, default=8)
+    s.set_defaults(run=_build)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("indicf5").setLevel(logging.INFO)
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
     try:
-        args.run(args)
+        return args.run(args) or 0
     except InputError as e:
         print(f"indicf5 {args.command}: {e}", file=sys.stderr)
         return 2
     except FileExistsError as e:
         print(f"indicf5 {args.command}: {e}; pass --force to replace it", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -45,12 +45,13 @@ def euler(velocity: VelocityFn, x: torch.Tensor, t: torch.Tensor, on_step: Calla
 
 
 def initial_noise(durations: list[int], n_mels: int, seed: int | None, device, dtype) -> torch.Tensor:
-    """(b, max(durations), mel) noise, zero-padded; each row re-seeded so it does not depend on the batch."""
+    """(b, max(durations), mel) noise, zero-padded; each row re-seeded so it does not depend on the
+    batch. Drawn in fp32 whatever the dtype, so fp16/bf16 engines start from the reference's noise."""
     rows = []
     for n in durations:
         if seed is not None:
             torch.manual_seed(seed)
-        rows.append(torch.randn(n, n_mels, device=device, dtype=dtype))
+        rows.append(torch.randn(n, n_mels, device=device, dtype=torch.float32).to(dtype))
     return pad_sequence(rows, batch_first=True)
 
 

@@ -1,4 +1,4 @@
-"""Atomic writes: an artifact is visible whole or not at all.
+"""Atomic writes and the content-addressed artifact store: an artifact is visible whole or not at all.
 
 Everything is written under a temporary name in the destination's own directory (same
 filesystem, so the final rename is atomic) and renamed into place only when complete. A killed
@@ -8,11 +8,22 @@ process leaves at most a ``.tmp-*`` entry that nothing reads.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
+import json
+import logging
 import os
 import shutil
 import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from types import ModuleType
+from typing import Any, Callable, Iterator
+
+from pydantic import BaseModel
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -31,26 +42,151 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary directory that becomes `path` when the block succeeds.
-
-    An existing `path` is an error unless `replace` is set; then it is swapped out (the old one is
-    removed after the new one is in place)."""
-    path = Path(path)
-    if path.exists() and not replace:
-        raise FileExistsError(f"{path} exists")
+def temp_dir_beside(path: Path) -> Iterator[Path]:
+    """A fresh temporary directory next to `path` (same filesystem), removed afterwards unless published."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is not
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".old-{path.name}-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Rename the complete `tmp` to `path`; whatever stood there is swapped out, then removed."""
+    if path.exists():
+        old = path.with_name(f".old-{path.name}-{os.getpid()}")
+        os.replace(path, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory that becomes `path` when the block succeeds. An existing
+    `path` is an error unless `replace` is set."""
+    path = Path(path)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} exists")
+    with temp_dir_beside(path) as tmp:
+        yield tmp
+        publish_dir(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# content-addressed artifact store: <root>/<stage>/<key>/{..., manifest.json}
+
+
+class FileRecord(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class Manifest(BaseModel):
+    """What a stage made, from what, with which code: the record a later run checks before trusting."""
+
+    stage: str
+    key: str
+    path: str  # directory holding the outputs (the store's own, or the HF cache's snapshot)
+    inputs: dict[str, Any]  # what the key was computed from
+    outputs: dict[str, FileRecord]  # paths relative to `path`
+    info: dict[str, Any] = {}  # stage-specific facts: config, metrics
+    versions: dict[str, str] = {}
+    seconds: float = 0.0  # time the stage took when it ran
+    created: str = ""
+
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.outputs.values())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_files(root: Path, names: list[str] | None = None) -> dict[str, FileRecord]:
+    names = names if names is not None else sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {n: FileRecord(sha256=sha256_file(root / n), bytes=(root / n).stat().st_size) for n in names}
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a JSON-able object, independent of dict order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_hash(*modules: ModuleType) -> str:
+    """The stage's code, as part of its key: editing it invalidates what it made."""
+    return stable_hash([inspect.getsource(m) for m in modules])
+
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def key(self, stage: str, inputs: dict[str, Any]) -> str:
+        return stable_hash({"stage": stage, **inputs})[:32]
+
+    def dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def load(self, stage: str, key: str) -> Manifest | None:
+        """The stage's manifest if its every output is present with the recorded hash, else None."""
+        path = self.dir(stage, key) / MANIFEST
+        try:
+            manifest = Manifest.model_validate_json(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        for name, rec in manifest.outputs.items():
+            f = manifest.file(name)
+            if not f.is_file() or f.stat().st_size != rec.bytes or sha256_file(f) != rec.sha256:
+                log.warning("%s/%s: %s is missing or changed; rebuilding", stage, key, name)
+                return None
+        return manifest
+
+    def build(self, stage: str, inputs: dict[str, Any], make: Callable[[Path], dict[str, Any]],
+              versions: dict[str, str] | None = None) -> Manifest:
+        """The verified artifact for (stage, inputs), made by `make(tmp_dir) -> info` if absent.
+
+        `make` writes into a private temporary directory that is renamed into place whole, with its
+        manifest, only when it returns; a concurrent builder of the same key loses nothing (the
+        first complete artifact wins, and both return it)."""
+        key = self.key(stage, inputs)
+        if (done := self.load(stage, key)) is not None:
+            return done
+        final = self.dir(stage, key)
+        start = time.perf_counter()
+        with temp_dir_beside(final) as tmp:
+            info = make(tmp) or {}
+            manifest = Manifest(stage=stage, key=key, path=str(final), inputs=inputs, outputs=record_files(tmp),
+                                info=info, versions=versions or {}, seconds=time.perf_counter() - start,
+                                created=datetime.now(timezone.utc).isoformat())
+            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            if (theirs := self.load(stage, key)) is not None:  # a concurrent build finished first
+                return theirs
+            try:
+                publish_dir(tmp, final)
+            except OSError:  # ... or is publishing right now
+                if (theirs := self.load(stage, key)) is not None:
+                    return theirs
+                raise
+        return manifest
+
+    def record(self, stage: str, inputs: dict[str, Any], path: Path, names: list[str], info: dict[str, Any]) -> Manifest:
+        """A manifest for files that live outside the store (the HF cache), verified like the rest."""
+        key = self.key(stage, inputs)
+        manifest = Manifest(stage=stage, key=key, path=str(path), inputs=inputs, outputs=record_files(path, names), info=info,
+                            created=datetime.now(timezone.utc).isoformat())
+        with atomic_dir(self.dir(stage, key), replace=True) as tmp:
+            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        return manifest

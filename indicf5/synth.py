@@ -16,15 +16,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from indicf5.backends import load_engine
 from indicf5.audio import MelSpectrogram, Reference, cross_fade, prepare_reference
 from indicf5.checkpoint import build_model, load_checkpoint
-from indicf5.config import DType, MelConfig, SamplingConfig
+from indicf5.config import TORCH_DTYPES, DType, MelConfig, SamplingConfig
 from indicf5.sampler import FlowModel, sample
 from indicf5.text import Vocab, check_text, chunk_budget, chunk_text, encode, estimate_frames, normalize_ref_text
 from indicf5.vocoder import decode, load_vocoder
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class Speech:
@@ -50,6 +48,13 @@ class Synthesizer:
         torch_dtype = TORCH_DTYPES[dtype]
         vocoder = load_vocoder(ckpt.vocoder if vocoder_dir is None else None, vocoder_dir, device)
         return cls(build_model(ckpt, device, torch_dtype), vocoder, ckpt.vocab, device, torch_dtype)
+
+    @classmethod
+    def from_engine(cls, engine_dir: str | Path, *, device: str = "cpu", vocoder_dir: str | Path | None = None) -> "Synthesizer":
+        """A built engine directory (any backend), as the build DAG leaves it."""
+        model, spec, vocab_path, vocoder_state = load_engine(engine_dir, device)
+        vocoder = load_vocoder(vocoder_state if vocoder_dir is None else None, vocoder_dir, device)
+        return cls(model, vocoder, Vocab.load(vocab_path), device, TORCH_DTYPES[spec.dtype])
 
     def reference_mel(self, ref: Reference) -> torch.Tensor:
         """(1, frames, n_mels) conditioning mel of a prepared reference."""

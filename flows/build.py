@@ -1,0 +1,118 @@
+"""The `build-engine` flow: the runbook as a DAG of cached, retryable stages.
+
+    resolve ─> download ─> export ─┬─> for each (backend, dtype): convert ─> build ─> verify ─> benchmark
+             check_environment ────┘                                                              │
+                                              register (MLflow parent + nested runs) <────────────┘
+
+A branch that fails (backend unavailable, parity gate) does not stop the others; the flow ends
+Failed, naming them, after the branches that passed are registered.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+from typing import Any
+
+from prefect import flow
+
+from indicf5.benchmark import BenchmarkConfig
+from indicf5.config import DType
+from indicf5.hub import DEFAULT_REPO
+from indicf5.parity import ParityConfig
+from indicf5.settings import Settings
+from indicf5.summary import BranchSummary, BuildSummary
+from indicf5.tracking import BranchRecord
+from tasks.benchmark import benchmark
+from tasks.build import build_engine
+from tasks.convert import convert_checkpoint
+from tasks.download import download_snapshot
+from tasks.environment import check_environment
+from tasks.export import export_transformer
+from tasks.register import publish_summary, register
+from tasks.resolve import prepare_synthetic, resolve_revision
+from tasks.verify import verify_parity
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, error: BaseException):
+        self.stage, self.error = stage, error
+        super().__init__(f"{stage}: {error}")
+
+
+class BuildFailed(Exception):
+    def __init__(self, summary: BuildSummary):
+        self.summary = summary
+        super().__init__("; ".join(f"{b.backend}-{b.dtype}: {b.error}" for b in summary.failed))
+
+
+def _run(task, stages: dict[str, str], label: str, *args, **kwargs) -> Any:
+    """Run a task, note its final state (Completed / Cached / Failed) for the summary, return its value."""
+    state = task(*args, return_state=True, **kwargs)
+    stages[label] = state.name
+    if state.is_failed():
+        error = state.result(raise_on_failure=False)
+        raise StageFailed(label, error if isinstance(error, BaseException) else RuntimeError(state.message))
+    return state.result()
+
+
+@flow(name="build-engine", log_prints=True)
+def build_engine_flow(
+    repo_id: str = DEFAULT_REPO,
+    revision: str = "main",
+    checkpoint: str | None = None,
+    synthetic: bool = False,
+    backends: list[str] = ["eager"],  # noqa: B006 (Prefect copies parameters per run)
+    dtypes: list[DType] = ["fp32", "fp16"],  # noqa: B006
+    nfe: int = 32,
+    bench_lengths: list[int] = [250, 500],  # noqa: B006
+    parity: ParityConfig = ParityConfig(),
+    build_flags: dict[str, Any] = {},  # noqa: B006
+) -> BuildSummary:
+    """Build IndicF5 inference engines from a HuggingFace revision or a local snapshot.
+
+    Args:
+        repo_id: HuggingFace repo of the IndicF5 checkpoint.
+        revision: Branch, tag or commit sha; resolved to a commit sha before anything is built.
+        checkpoint: A local snapshot directory to build instead of the hub (the runbook's --checkpoint).
+        synthetic: Build the embedded synthetic snapshot (no hub access).
+        backends: Engine backends to build (eager, compiled, trtllm).
+        dtypes: Engine dtypes to build (fp32, fp16, bf16).
+        nfe: Flow steps for the benchmark and the sample utterance.
+        bench_lengths: Total frames to benchmark at (about 94 frames a second).
+        parity: The parity gate: lengths, steps and relative-L2 thresholds per dtype.
+        build_flags: Backend build flags, overriding the backend's defaults.
+    """
+    stages: dict[str, str] = {}
+    if synthetic:
+        checkpoint = _run(prepare_synthetic, stages, "prepare_synthetic")
+    source = _run(resolve_revision, stages, "resolve_revision", repo_id, revision, checkpoint)
+    snapshot = _run(download_snapshot, stages, "download_snapshot", source)
+    export = _run(export_transformer, stages, "export_transformer", snapshot)
+    environment = _run(check_environment, stages, "check_environment")
+    bench_config = BenchmarkConfig(lengths=bench_lengths, nfe=nfe)
+
+    records: list[BranchRecord] = []
+    branches: list[BranchSummary] = []
+    for backend, dtype in product(backends, dtypes):
+        name = f"{backend}-{dtype}"
+        try:
+            convert = _run(convert_checkpoint, stages, f"{name}/convert_checkpoint", export, backend, dtype)
+            engine = _run(build_engine, stages, f"{name}/build_engine", convert, export, backend, dtype, build_flags)
+            verify = _run(verify_parity, stages, f"{name}/verify_parity", engine, export, parity, environment.device)
+            bench = _run(benchmark, stages, f"{name}/benchmark", engine, bench_config, environment)
+        except StageFailed as e:  # the branch fails; the others go on
+            branches.append(BranchSummary(backend=backend, dtype=dtype, error=str(e)))
+            continue
+        records.append(BranchRecord(backend=backend, dtype=dtype, convert=convert, engine=engine, verify=verify, benchmark=bench))
+        branches.append(BranchSummary(backend=backend, dtype=dtype, engine=engine.path, parity_rel_l2=verify.info["worst_rel_l2"],
+                                      e2e_p50_ms={n: v["e2e_p50_ms"] for n, v in bench.info["summary"].items()}))
+
+    failures = {f"{b.backend}-{b.dtype}": b.error for b in branches if b.error}
+    run_id = _run(register, stages, "register", source, environment, snapshot, export, records, failures, nfe)
+    summary = BuildSummary(source=source, stages=stages, branches=branches, mlflow_run_id=run_id,
+                           tracking_uri=Settings().tracking_uri)
+    publish_summary(summary)
+    if summary.failed:
+        raise BuildFailed(summary)
+    return summary
+

@@ -1,0 +1,45 @@
+"""What the tasks share: the store, content cache keys, and which failures deserve a retry."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prefect.context import TaskRunContext
+from prefect.results import get_result_store
+from prefect.tasks import exponential_backoff
+
+from indicf5.hub import TransientHubError
+from indicf5.settings import Settings
+from indicf5.stages import Stage
+from indicf5.store import ArtifactStore
+
+RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+
+
+def store() -> ArtifactStore:
+    return ArtifactStore(Settings().store_root)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Timeouts, dropped connections, 5xx and corrupt transfers retry; everything else fails at once."""
+    return isinstance(state.result(raise_on_failure=False), TransientHubError)
+
+
+def content_cache_key(name: str, content_key: Callable[[dict[str, Any]], str],
+                      present: Callable[[dict[str, Any]], bool]) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
+    """Prefect's cache key for a stage: its content key (input hashes, settings, code). A cache hit
+    must also find what the stage made still present and intact: when it is not, and Prefect holds
+    a record for the key, no key is given, so the task runs and makes it again."""
+
+    def key(_ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
+        cache_key = f"{name}-{content_key(params)}"
+        if not present(params) and get_result_store().exists(cache_key):
+            return None
+        return cache_key
+
+    return key
+
+
+def stage_cache_key(stage: Stage) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
+    return content_cache_key(stage.name, lambda params: stage.key(store(), **params),
+                             lambda params: stage.cached(store(), **params) is not None)

@@ -23,11 +23,8 @@ $(VENV)/.oracle: $(VENV)/.runtime
 	$(PIP) install --no-deps $(ORACLE)
 	touch $@
 
-SYNTHETIC := $(INDICF5_HOME)/synthetic/IndicF5
 demo: $(VENV)/.runtime
-	test -d $(SYNTHETIC) || $(PY) -m indicf5.cli make-synthetic $(SYNTHETIC)
-	$(PY) -m indicf5.cli synth --checkpoint $(SYNTHETIC) --ref-audio $(SYNTHETIC)/reference.wav \
-	    --text "नमस्ते! संगीत की तरह जीवन भी खूबसूरत होता है।" --seed 0 --out $(INDICF5_HOME)/demo.wav
+	$(PY) -m indicf5.cli build --synthetic
 
 test: $(VENV)/.oracle
 	$(PY) -m pytest

@@ -32,7 +32,11 @@ def _synth(args) -> None:
             raise InputError(f"no --ref-text given and no transcript at {ref_txt}: give --ref-text")
         ref_text = ref_txt.read_text(encoding="utf-8").strip()
     sampling = SamplingConfig(nfe=args.nfe, cfg_strength=args.cfg, speed=args.speed, seed=args.seed)
-    synth = Synthesizer.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, vocab=args.vocab, vocoder_dir=args.vocoder)
+    if args.engine:
+        synth = Synthesizer.from_engine(args.engine, device=args.device, vocoder_dir=args.vocoder)
+    else:
+        synth = Synthesizer.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, vocab=args.vocab,
+                                            vocoder_dir=args.vocoder)
     speech = synth.synthesize(args.text, args.ref_audio, ref_text, sampling, progress=True)
     write_wav(args.out, speech.wave, speech.sample_rate)
     print(f"{args.out}: {len(speech.wave) / speech.sample_rate:.2f} s at {speech.sample_rate} Hz, {len(speech.chunks)} chunk(s)")
@@ -85,7 +89,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_make_synthetic)
 
     s = sub.add_parser("synth", help="speak text in the voice of a reference clip")
-    s.add_argument("--checkpoint", required=True, type=Path, help="snapshot directory or .safetensors/.pt file")
+    weights = s.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", type=Path, help="snapshot directory or .safetensors/.pt file (reference model)")
+    weights.add_argument("--engine", type=Path, help="a built engine directory (any backend; its dtype is the engine's)")
     s.add_argument("--text", required=True)
     s.add_argument("--ref-audio", required=True, type=Path)
     s.add_argument("--ref-text", help="transcript of the reference (default: the .txt beside --ref-audio)")
@@ -95,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--nfe", type=int, default=32)
     s.add_argument("--cfg", type=float, default=2.0)
     s.add_argument("--speed", type=float, default=1.0)
-    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="with --checkpoint")
     s.add_argument("--device", default="cpu")
     s.add_argument("--seed", type=int)
     s.set_defaults(run=_synth)

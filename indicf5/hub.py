@@ -15,7 +15,13 @@ from typing import Literal
 
 import httpx2
 from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from pydantic import BaseModel
 
 from indicf5.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE
@@ -51,29 +57,41 @@ class SourceRef(BaseModel):
     files: dict[str, FileRef]
 
 
-@contextlib.contextmanager
-def hub_errors(repo_id: str, revision: str):
-    where = f"{repo_id}@{revision}"
-    try:
-        yield
-    except GatedRepoError:
-        raise HubAccessError(f"{repo_id} is gated: accept its terms on its HuggingFace page with your account, "
-                             "then set HF_TOKEN to a token of that account") from None
-    except RevisionNotFoundError:
-        raise HubAccessError(f"revision {revision!r} not found in {repo_id}: give an existing branch, tag or commit sha") from None
-    except RepositoryNotFoundError:
-        raise HubAccessError(f"{repo_id} not found, or private: check the repo id; for a private or gated repo set "
-                             "HF_TOKEN to a token that can read it") from None
-    except HfHubHTTPError as e:
+def classify(e: BaseException, where: str, repo_id: str, revision: str) -> BaseException | None:
+    """huggingface_hub's exception -> ours (HubAccessError: fix something; TransientHubError: retry)."""
+    if isinstance(e, GatedRepoError):
+        return HubAccessError(f"{repo_id} is gated: accept its terms on its HuggingFace page with your account, "
+                              "then set HF_TOKEN to a token of that account")
+    if isinstance(e, RevisionNotFoundError):
+        return HubAccessError(f"revision {revision!r} not found in {repo_id}: give an existing branch, tag or commit sha")
+    if isinstance(e, RepositoryNotFoundError):
+        return HubAccessError(f"{repo_id} not found, or private: check the repo id; for a private or gated repo set "
+                              "HF_TOKEN to a token that can read it")
+    if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
-            raise HubAccessError(f"access to {where} refused ({status}): set HF_TOKEN to a token that can read it, "
-                                 "and accept the model's terms on its page") from None
+            return HubAccessError(f"access to {where} refused ({status}): set HF_TOKEN to a token that can read it, "
+                                  "and accept the model's terms on its page")
         if status is None or status >= 500 or status in (408, 429):
-            raise TransientHubError(f"hub error for {where} ({status}); will retry") from None
-        raise HubAccessError(f"hub refused {where} ({status}): {str(e).splitlines()[0]}") from None
-    except httpx2.TransportError as e:
-        raise TransientHubError(f"cannot reach the hub for {where} ({type(e).__name__}); will retry") from None
+            return TransientHubError(f"hub error for {where} ({status}); will retry")
+        return HubAccessError(f"hub refused {where} ({status}): {str(e).splitlines()[0]}")
+    if isinstance(e, httpx2.TransportError):
+        return TransientHubError(f"cannot reach the hub for {where} ({type(e).__name__}); will retry")
+    if isinstance(e, LocalEntryNotFoundError):  # snapshot_download wraps what stopped it
+        cause = e.__cause__ or e.__context__
+        return classify(cause, where, repo_id, revision) if cause else TransientHubError(f"download of {where} failed; will retry")
+    return None
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str):
+    try:
+        yield
+    except Exception as e:
+        mapped = classify(e, f"{repo_id}@{revision}", repo_id, revision)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def resolve_revision(repo_id: str = DEFAULT_REPO, revision: str = "main") -> SourceRef:

@@ -26,7 +26,10 @@ def get_backend(name: str) -> Backend:
 def load_engine(engine_dir: str | Path, device: str = "cpu"):
     """(FlowModel, EngineSpec, vocab path, vocoder weights or None) of a built engine directory."""
     engine_dir = Path(engine_dir)
-    spec = read_spec(engine_dir)
+    try:
+        spec = read_spec(engine_dir)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
     backend = get_backend(spec.backend)
     backend.require()
     vocoder = engine_dir / EXPORT_VOCODER

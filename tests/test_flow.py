@@ -1,0 +1,174 @@
+"""The build-engine flow end to end on synthetic snapshots: caching, resumption, failures, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.build import BuildFailed, build_engine_flow
+from indicf5.parity import ParityConfig
+from indicf5.settings import Settings
+from indicf5.store import ArtifactStore
+
+RUNBOOK_STAGES = ("resolve_revision", "download_snapshot", "export_transformer", "check_environment", "convert_checkpoint",
+                  "build_engine", "verify_parity", "benchmark", "register")
+SMALL = dict(bench_lengths=[120], nfe=8, parity=ParityConfig(lengths=[64, 150], nfe=4))
+
+
+def build(**params):
+    """Runs the flow in this process; returns (summary, seconds)."""
+    start = time.perf_counter()
+    state = build_engine_flow(**{**SMALL, **params}, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    summary = outcome.summary if isinstance(outcome, BuildFailed) else outcome
+    if isinstance(outcome, BaseException) and not isinstance(outcome, BuildFailed):
+        raise outcome
+    return summary, time.perf_counter() - start
+
+
+def runbook_states(summary) -> dict[str, str]:
+    return {k: v for k, v in summary.stages.items() if k.split("/")[-1] in RUNBOOK_STAGES}
+
+
+def test_rebuild_of_an_unchanged_build_is_all_cached_and_fast(home, prefect_api):
+    first, t_first = build(synthetic=True, dtypes=["fp32", "fp16"])
+    assert not first.failed
+    assert all(state == "Completed" for state in runbook_states(first).values()), first.stages
+    second, t_second = build(synthetic=True, dtypes=["fp32", "fp16"])
+    assert len(runbook_states(second)) == 4 + 4 * 2 + 1
+    assert all(state == "Cached" for state in runbook_states(second).values()), second.stages
+    assert second.mlflow_run_id == first.mlflow_run_id
+    assert [b.engine for b in second.branches] == [b.engine for b in first.branches]
+    assert t_second < 0.3 * t_first, (t_first, t_second)
+
+
+def test_a_corrupted_or_deleted_artifact_is_rebuilt_not_trusted(home, prefect_api):
+    first, _ = build(synthetic=True, dtypes=["fp32"])
+    engine = Path(first.branches[0].engine)
+    (engine / "model.safetensors").write_bytes(b"corrupted")
+    export_dir = next((home / "export").iterdir())
+    (export_dir / "indicf5_transformer.pt").unlink()
+    second, _ = build(synthetic=True, dtypes=["fp32"])
+    assert second.stages["export_transformer"] == "Completed"
+    assert second.stages["eager-fp32/build_engine"] == "Completed"
+    store = ArtifactStore(home)
+    for stage in ("export", "build"):
+        for d in (home / stage).iterdir():
+            assert store.load(stage, d.name) is not None, f"{stage}/{d.name} left invalid"
+    third, _ = build(synthetic=True, dtypes=["fp32"])
+    assert all(state == "Cached" for state in runbook_states(third).values()), third.stages
+
+
+KILL_DURING_BUILD = """
+import os, sys, time
+from indicf5.backends.eager import EagerBackend
+build = EagerBackend.build
+def slow_build(self, *args, **kwargs):
+    open(os.environ["BUILD_STARTED"], "w").close()
+    time.sleep(120)
+    return build(self, *args, **kwargs)
+EagerBackend.build = slow_build
+from indicf5.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli_build(*args, env=None, **popen):
+    cmd = [sys.executable, "-m", "indicf5.cli", "build", "--synthetic", "--dtype", "fp32", "--bench-lengths", "120",
+           "--nfe", "8", "--parity-nfe", "4", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **popen)
+
+
+def test_sigkill_during_build_then_rerun_completes_from_cache(home, tmp_path):
+    env = dict(os.environ, BUILD_STARTED=str(tmp_path / "started"))
+    cmd = [sys.executable, "-c", KILL_DURING_BUILD, "build", "--synthetic", "--dtype", "fp32", "--bench-lengths", "120",
+           "--nfe", "8", "--parity-nfe", "4"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "started").exists():
+        assert proc.poll() is None and time.time() < deadline, "the build never reached build_engine"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (home / "build").exists() or all(p.name.startswith(".tmp-") for p in (home / "build").iterdir())
+
+    done = cli_build(env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = dict(kv.split("=") for kv in done.stdout.split("stages: ")[1].splitlines()[0].split(", "))
+    for stage in ("resolve_revision", "download_snapshot", "export_transformer", "eager-fp32/convert_checkpoint"):
+        assert stages[stage] == "Cached", stages
+    assert stages["eager-fp32/build_engine"] == "Completed"
+    assert any(not p.name.startswith(".tmp-") for p in (home / "build").iterdir())
+
+
+def test_a_failing_branch_does_not_stop_the_others(home, prefect_api):
+    strict = ParityConfig(lengths=[64], nfe=4, thresholds={"fp32": 1e-4, "fp16": 1e-9, "bf16": 2e-2})
+    summary, _ = build(synthetic=True, backends=["eager", "nosuch"], dtypes=["fp32", "fp16"], parity=strict)
+    by_name = {f"{b.backend}-{b.dtype}": b for b in summary.branches}
+    assert by_name["eager-fp32"].error is None and by_name["eager-fp32"].engine
+    assert "fails parity" in by_name["eager-fp16"].error
+    assert "unknown backend 'nosuch'" in by_name["nosuch-fp32"].error
+    assert summary.stages["eager-fp16/verify_parity"] == "Failed"
+    assert "eager-fp16/benchmark" not in summary.stages
+    client = MlflowClient(Settings().tracking_uri)
+    children = client.search_runs([client.get_run(summary.mlflow_run_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}'")
+    assert [r.data.tags["indicf5.dtype"] for r in children] == ["fp32"]  # the failed branch registered nothing
+
+
+def test_mlflow_records_the_build_and_no_secret_leaks(home, hub, prefect_api, monkeypatch, capfd):
+    secret = "hf_NeverLogThisToken0123456789"
+    repo = hub.repos["ai4bharat/IndicF5"]
+    repo.token = secret
+    monkeypatch.setenv("HF_TOKEN", secret)
+    try:
+        summary, _ = build(repo_id="ai4bharat/IndicF5", revision="main", dtypes=["fp32", "fp16"])
+    finally:
+        repo.token = None
+    assert not summary.failed
+    sha = repo.refs["main"]
+    client = MlflowClient(Settings().tracking_uri)
+    parent = client.get_run(summary.mlflow_run_id)
+    assert parent.data.params["sha"] == sha and parent.data.tags["indicf5.sha"] == sha
+    assert {"download_seconds", "export_seconds", "parameters"} <= set(parent.data.metrics)
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["indicf5.dtype"] for r in children) == ["fp16", "fp32"]
+    for run in children:
+        params, metrics = run.data.params, run.data.metrics
+        assert params["backend"] == "eager" and params["sha"] == sha and params["nfe"] == "8"
+        assert {"torch", "python", "gpu", "cuda"} <= set(params)
+        for m in ("build_seconds", "convert_seconds", "verify_seconds", "benchmark_seconds", "engine_bytes",
+                  "parity_worst_rel_l2", "parity_mel_rel_l2_150", "end_to_end_p50_ms_120", "loop_p95_ms_120",
+                  "vocoder_p50_ms_120", "step_p50_ms_120", "rtf_120", "peak_memory_mb"):
+            assert m in metrics, m
+        assert metrics["engine_bytes"] > 0
+        artifacts = {a.path for folder in ("results", "manifests", "engine") for a in client.list_artifacts(run.info.run_id, folder)}
+        assert {"results/parity.json", "results/benchmark.json", "results/sample.wav", "results/mel.png",
+                "results/latency.png", "manifests/engine_manifest.json", "engine/engine.json"} <= artifacts
+
+    assert any(auth == f"Bearer {secret}" for _, _, auth in hub.requests)  # the gated repo was read with it
+
+    # the token is in no log, param, tag, result, manifest or artifact
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        logs = " ".join(log.message for log in prefect.read_logs())
+        params = json.dumps([run.parameters for run in prefect.read_flow_runs()])
+    assert "download_snapshot" in logs or "Finished" in logs  # the logs were there to search
+    assert secret not in logs and secret not in params
+    out, err = capfd.readouterr()
+    assert secret not in out + err
+    for run in [parent, *children]:
+        assert secret not in json.dumps({**run.data.params, **run.data.tags})
+    for root in (home, Path(os.environ["PREFECT_HOME"])):
+        for f in root.rglob("*"):
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f

@@ -1,0 +1,86 @@
+"""The artifact store: whole-or-nothing artifacts, verification, concurrent builders."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from indicf5.store import ArtifactStore, atomic_write_bytes
+
+
+def make_files(out: Path, payload: bytes = b"weights", delay: float = 0.0) -> dict:
+    (out / "engine.bin").write_bytes(payload)
+    time.sleep(delay)
+    (out / "sub").mkdir()
+    (out / "sub" / "config.json").write_text("{}")
+    return {"made": True}
+
+
+def test_build_records_hashes_and_a_hit_verifies_them(tmp_path):
+    store = ArtifactStore(tmp_path)
+    m = store.build("build", {"x": 1}, make_files)
+    assert set(m.outputs) == {"engine.bin", "sub/config.json"} and m.info == {"made": True}
+    assert store.load("build", m.key) == m
+    assert store.build("build", {"x": 1}, lambda out: pytest.fail("a valid artifact is not rebuilt")) == m
+    assert store.key("build", {"x": 2}) != m.key
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "delete", "truncate manifest"])
+def test_a_damaged_artifact_is_not_trusted(tmp_path, damage):
+    store = ArtifactStore(tmp_path)
+    m = store.build("build", {"x": 1}, make_files)
+    if damage == "corrupt":
+        m.file("engine.bin").write_bytes(b"weightz")  # same size, other content
+    elif damage == "delete":
+        m.file("sub/config.json").unlink()
+    else:
+        (Path(m.path) / "manifest.json").write_text('{"stage": "bu')
+    assert store.load("build", m.key) is None
+    rebuilt = store.build("build", {"x": 1}, make_files)
+    assert store.load("build", rebuilt.key) is not None
+
+
+def test_a_failing_build_leaves_nothing(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def explode(out: Path):
+        (out / "half.bin").write_bytes(b"half")
+        raise RuntimeError("killed half-way")
+
+    with pytest.raises(RuntimeError):
+        store.build("build", {"x": 1}, explode)
+    assert list((tmp_path / "build").iterdir()) == []
+
+
+def test_atomic_write_never_shows_a_partial_file(tmp_path):
+    target = tmp_path / "out.wav"
+    atomic_write_bytes(target, b"complete")
+    assert target.read_bytes() == b"complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.wav"]
+
+
+def _concurrent_build(root: str, start_at: float, queue) -> None:
+    time.sleep(max(0.0, start_at - time.time()))
+    m = ArtifactStore(root).build("build", {"x": 1}, lambda out: make_files(out, delay=0.3))
+    queue.put(m.model_dump_json())
+
+
+def test_two_builders_of_one_key_do_not_corrupt_each_other(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 2.0
+    procs = [ctx.Process(target=_concurrent_build, args=(str(tmp_path), start_at, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    results = [queue.get(timeout=5) for _ in procs]
+    store = ArtifactStore(tmp_path)
+    key = store.key("build", {"x": 1})
+    assert store.load("build", key) is not None
+    assert all(key in r for r in results)
+    assert [p.name for p in (tmp_path / "build").iterdir()] == [key]  # no leftovers

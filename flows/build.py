@@ -97,7 +97,7 @@ def build_engine_flow(
         name = f"{backend}-{dtype}"
         try:
             convert = _run(convert_checkpoint, stages, f"{name}/convert_checkpoint", export, backend, dtype)
-            engine = _run(build_engine, stages, f"{name}/build_engine", convert, export, backend, dtype, build_flags)
+            engine = _run(build_engine, stages, f"{name}/build_engine", convert, export, backend, dtype, build_flags, environment)
             verify = _run(verify_parity, stages, f"{name}/verify_parity", engine, export, parity, environment.device)
             bench = _run(benchmark, stages, f"{name}/benchmark", engine, bench_config, environment)
         except StageFailed as e:  # the branch fails; the others go on

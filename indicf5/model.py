@@ -54,7 +54,7 @@ def rope_angles(seq_len: int, inv_freq: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x (..., n, d) by angles (n, d); math in fp32."""
+    """Rotate interleaved channel pairs of x (..., d) by angles broadcast to it; math in fp32."""
     pairs = x.float().unflatten(-1, (-1, 2))
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
     return (x.float() * angles.cos() + rotated * angles.sin()).to(x.dtype)
@@ -184,8 +184,16 @@ class AdaLayerNormFinal(nn.Module):
         return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
+def sdpa_attend(q, k, v, mask=None):
+    """Attention over (b, n, h, dh) tensors; padded keys (mask False) are not attended."""
+    key_mask = None if mask is None else mask[:, None, None, :]
+    h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
+    return h.transpose(1, 2)
+
+
 class Attention(nn.Module):
-    """Self-attention; rotary positions on the first head only (F5TTS_Base's pe_attn_head=1)."""
+    """Self-attention; rotary positions on the first head only (F5TTS_Base's pe_attn_head=1).
+    Engines may set `project` (x -> q, k, v in one matmul) and `attend` (the attention kernel)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int):
         super().__init__()
@@ -194,15 +202,17 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, heads * dim_head)
         self.to_v = nn.Linear(dim, heads * dim_head)
         self.to_out = nn.ModuleList([nn.Linear(heads * dim_head, dim)])
+        self.project: nn.Module | None = None
+        self.attend = sdpa_attend
 
     def forward(self, x, rope, mask=None):
         b, n, _ = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, self.dim_head).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        q = torch.cat((apply_rope(q[:, :1], rope), q[:, 1:]), dim=1)  # (b, h, n, dh)
-        k = torch.cat((apply_rope(k[:, :1], rope), k[:, 1:]), dim=1)
-        key_mask = None if mask is None else mask[:, None, None, :]  # padded keys are not attended
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        h = self.to_out[0](h.transpose(1, 2).reshape(b, n, -1))
+        qkv = self.project(x) if self.project is not None else (self.to_q(x), self.to_k(x), self.to_v(x))
+        q, k, v = (t.view(b, n, self.heads, self.dim_head) for t in qkv)
+        angles = rope[:, None, :]  # (n, 1, dh): the same for every head it is applied to
+        q = torch.cat((apply_rope(q[:, :, :1], angles), q[:, :, 1:]), dim=2)  # (b, n, h, dh)
+        k = torch.cat((apply_rope(k[:, :, :1], angles), k[:, :, 1:]), dim=2)
+        h = self.to_out[0](self.attend(q, k, v, mask).reshape(b, n, -1))
         return h if mask is None else h.masked_fill(~mask[..., None], 0.0)
 
 

@@ -22,7 +22,8 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class FlowModel(Protocol):
-    """What the sampler needs of a transformer: the reference DiT, or an engine built from it."""
+    """What the sampler needs of a transformer: the reference DiT, or an engine built from it.
+    An engine may also offer ``integrate(velocity, x0, t, on_step)``, its own run of `euler`."""
 
     def embed_text(self, text: torch.Tensor, seq_len: int) -> torch.Tensor: ...
 
@@ -133,5 +134,7 @@ def sample(
     cond = torch.where(ref_mask, cond, torch.zeros_like(cond))
     velocity = GuidedVelocity.prepare(model, cond, text, cfg_strength, durations)
     x0 = initial_noise(durations, n_mels, seed, device, dtype)
-    x1 = euler(velocity, x0, time_grid(nfe, sway_coef, device), on_step)
+    t = time_grid(nfe, sway_coef, device)
+    integrate = getattr(model, "integrate", None)  # engines may run the whole loop their own way
+    x1 = integrate(velocity, x0, t, on_step) if integrate else euler(velocity, x0, t, on_step)
     return torch.where(ref_mask, cond, x1).float()

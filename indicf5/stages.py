@@ -109,16 +109,20 @@ def _convert(out: Path, export: Manifest, backend: str, dtype: DType) -> dict[st
 CONVERT = Stage("convert", inputs=_convert_inputs, make=_convert)
 
 
-def _build_inputs(convert: Manifest, export: Manifest, backend: str, dtype: DType, flags: dict[str, Any]) -> dict[str, Any]:
+def _build_inputs(convert: Manifest, export: Manifest, backend: str, dtype: DType, flags: dict[str, Any],
+                  environment: EnvironmentReport) -> dict[str, Any]:
     return {"convert": hashes(convert), "export": hashes(export), "backend": backend, "dtype": dtype, "flags": flags,
+            "device": environment.device, "gpu": environment.gpu, "torch": environment.torch,
             "code": code_hash(*get_backend(backend).modules)}
 
 
-def _build(out: Path, convert: Manifest, export: Manifest, backend: str, dtype: DType, flags: dict[str, Any]) -> dict[str, Any]:
+def _build(out: Path, convert: Manifest, export: Manifest, backend: str, dtype: DType, flags: dict[str, Any],
+           environment: EnvironmentReport) -> dict[str, Any]:
     impl = get_backend(backend)
     impl.require()
     spec = EngineSpec(backend=backend, dtype=dtype, model=load_export(Path(export.path)).config,
-                      build_flags={**impl.default_flags(), **flags})
+                      build_flags={**impl.default_flags(), **flags, "device": environment.device},
+                      versions=environment.versions())
     info = impl.build(Path(convert.path), spec, out)
     write_shared_files(Path(export.path), spec, out)
     return {"spec": spec.model_dump(), **info}

@@ -172,3 +172,14 @@ def test_mlflow_records_the_build_and_no_secret_leaks(home, hub, prefect_api, mo
         for f in root.rglob("*"):
             if f.is_file():
                 assert secret.encode() not in f.read_bytes(), f
+
+
+def test_compiled_engine_builds_on_cpu_and_passes_its_parity_gate(home, prefect_api):
+    parity = ParityConfig(lengths=[64, 150, 300], nfe=4)  # inside buckets and across two of them
+    summary, _ = build(synthetic=True, backends=["compiled"], dtypes=["fp32"], parity=parity)
+    assert not summary.failed, summary.branches
+    branch = summary.branches[0]
+    assert branch.parity_rel_l2 <= 1e-4
+    assert (Path(branch.engine) / "compile_cache.bin").stat().st_size > 0
+    spec = json.loads((Path(branch.engine) / "engine.json").read_text())
+    assert spec["backend"] == "compiled" and spec["build_flags"]["device"] == "cpu"

@@ -7,11 +7,12 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from indicf5.backends.base import Backend, BackendUnavailable, EngineSpec, read_spec
+from indicf5.backends.compiled import CompiledBackend
 from indicf5.backends.eager import EagerBackend
 from indicf5.checkpoint import EXPORT_VOCAB, EXPORT_VOCODER
 from indicf5.errors import InputError
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (EagerBackend,)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (EagerBackend, CompiledBackend)}
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "EngineSpec", "get_backend", "load_engine", "read_spec"]
 

@@ -1,0 +1,200 @@
+"""Engines side by side in one run on one device: IndicF5's dimensions, random weights, 32 NFE,
+classifier-free guidance, text of 300 tokens, total lengths 1000 and 2000 frames.
+
+    python bench/engine_bench.py [--small] [--out results.json]
+
+Rows: the fp32 eager reference, eager fp16, the compiled engine (fp16, bf16) with and without the
+CUDA graph of the loop; the vocoder alone; end to end (loop + vocoder). For each: p50 ms, achieved
+TFLOP/s of the loop against the bf16 matmul rate measured first, peak memory, relL2 of the mel
+against the fp32 reference. Also the load time of a saved compiled engine in a fresh process
+(a new compiler cache directory, so nothing but the engine's own artifacts can help it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indicf5.backends.base import EngineSpec  # noqa: E402
+from indicf5.backends.compiled import CompiledBackend  # noqa: E402
+from indicf5.config import TORCH_DTYPES, ModelConfig  # noqa: E402
+from indicf5.model import DiT  # noqa: E402
+from indicf5.sampler import sample  # noqa: E402
+from indicf5.synthetic import random_transformer  # noqa: E402
+from indicf5.vocoder import build_vocos  # noqa: E402
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup=1, repeats=5) -> float:
+    """p50 milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_tflops(device) -> float:
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = timed(lambda: a @ a, device, warmup=3, repeats=10)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def loop_flops(c: ModelConfig, n: int, rows: int, nfe: int) -> float:
+    """Matmul FLOPs of the ODE loop: projections, attention, feed-forward, embeddings."""
+    per_token_block = 2 * (4 * c.dim * c.dim + 2 * c.dim * c.dim * c.ff_mult) + 4 * n * c.dim
+    per_token = c.depth * per_token_block + 2 * (2 * c.mel_dim + c.text_dim) * c.dim + 2 * c.dim * c.mel_dim
+    per_token += 2 * 2 * 31 * (c.dim // 16) * c.dim  # the two grouped position convolutions
+    return per_token * n * rows * nfe
+
+
+def peak_mb(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+LOAD_SCRIPT = """
+import sys, time, torch
+start = time.perf_counter()
+from pathlib import Path
+from indicf5.backends.base import read_spec
+from indicf5.backends.compiled import CompiledBackend
+spec = read_spec(Path(sys.argv[1]))
+CompiledBackend().load(Path(sys.argv[1]), spec, sys.argv[2])
+print(f"LOAD_SECONDS {time.perf_counter() - start:.2f}")
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="tiny dimensions (a CPU smoke run)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
+    ap.add_argument("--nfe", type=int, default=32)
+    ap.add_argument("--text-tokens", type=int, default=300)
+    ap.add_argument("--compiled", nargs="+", default=["fp16-sdpa", "bf16-sdpa"], help="compiled engines: DTYPE-ATTENTION")
+    ap.add_argument("--load-test", nargs="*", default=["fp16-sdpa"], help="variants whose saved engine is loaded in a fresh process")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = (ModelConfig(dim=64, depth=2, heads=4, dim_head=16, text_dim=32, conv_layers=1, text_num_embeds=300)
+              if args.small else ModelConfig(text_num_embeds=2545))
+    state = random_transformer(config, seed=0)
+    rate = matmul_tflops(device)
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "matmul_bf16_tflops": rate, "nfe": args.nfe, "rows": []}
+    print(f"device {results['device']}, torch {torch.__version__}, bf16 matmul {rate:.0f} TFLOP/s", flush=True)
+
+    def dit(dtype: str) -> DiT:
+        m = DiT(config)
+        m.load_state_dict(state)
+        return m.to(device=device, dtype=TORCH_DTYPES[dtype]).eval().requires_grad_(False)
+
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for n in args.lengths:
+        ref_frames = n // 3
+        inputs[n] = (torch.randn(1, ref_frames, config.mel_dim, generator=g).to(device),
+                     torch.randint(0, config.text_num_embeds, (1, min(args.text_tokens, n - ref_frames - 1)), generator=g).to(device))
+    vocoder = build_vocos().to(device).eval() if not args.small else build_vocos(64, 192, 2).to(device).eval()
+    reference: dict[int, torch.Tensor] = {}
+
+    def run_row(label: str, model, dtype: str):
+        for n in args.lengths:
+            cond, text = inputs[n]
+            run = lambda: sample(model, cond, text, [n], nfe=args.nfe, seed=0, dtype=TORCH_DTYPES[dtype])  # noqa: E731
+            reset_peak(device)
+            mel = run()
+            loop_ms = timed(run, device, repeats=3 if label.startswith("eager fp32") else 5)
+            generated = mel[:, cond.shape[1]:].transpose(1, 2)
+            e2e_ms = timed(lambda: vocoder.decode(run()[:, cond.shape[1]:].transpose(1, 2).float()), device, repeats=3)
+            if n not in reference:
+                reference[n] = mel
+            rel = float((mel.double() - reference[n].double()).norm() / reference[n].double().norm())
+            tflops = loop_flops(config, n, 2, args.nfe) / loop_ms / 1e9
+            row = {"engine": label, "frames": n, "loop_ms": loop_ms, "e2e_ms": e2e_ms, "loop_tflops": tflops,
+                   "fraction_of_matmul_rate": tflops / rate if rate == rate else None, "peak_mb": peak_mb(device),
+                   "rel_l2_vs_fp32": rel, "finite": bool(torch.isfinite(mel).all())}
+            results["rows"].append(row)
+            print(f"{label:32} {n:5} frames: loop {loop_ms:8.1f} ms  e2e {e2e_ms:8.1f} ms  {tflops:6.1f} TFLOP/s  "
+                  f"peak {row['peak_mb']:8.0f} MB  relL2 {rel:.2e}", flush=True)
+            del generated
+
+    run_row("eager fp32 (reference)", dit("fp32"), "fp32")
+    run_row("eager fp16", dit("fp16"), "fp16")
+
+    backend = CompiledBackend()
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.compiled:
+            dtype, attention = variant.split("-")
+            weights = Path(tmp) / f"weights-{variant}"
+            weights.mkdir()
+            save_file({k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in state.items()}, str(weights / "model.safetensors"))
+            spec = EngineSpec(backend="compiled", dtype=dtype, model=config,
+                              build_flags={**backend.default_flags(), "attention": attention, "device": device})
+            engine_dir = Path(tmp) / f"engine-{variant}"
+            engine_dir.mkdir()
+            start = time.perf_counter()
+            try:
+                info = backend.build(weights, spec, engine_dir)
+            except Exception as e:  # one variant failing must not hide the others' numbers
+                print(f"compiled {variant}: build FAILED: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+                continue
+            (engine_dir / "engine.json").write_text(spec.model_dump_json())
+            print(f"compiled {variant}: build {time.perf_counter() - start:.0f} s ({info})", flush=True)
+            engine = backend.engine(engine_dir / "model.safetensors", spec, device)
+            if variant == args.compiled[0]:
+                engine.cuda_graphs = False
+                run_row(f"compiled {variant} no graph", engine, dtype)
+            if device == "cuda":
+                engine.cuda_graphs, engine.pool = True, torch.cuda.graph_pool_handle()
+                run_row(f"compiled {variant} + graph", engine, dtype)
+            del engine
+            if variant not in args.load_test:
+                continue
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"fresh-cache-{variant}"),
+                       PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+            done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(engine_dir), device], capture_output=True, text=True, env=env)
+            load = [line for line in done.stdout.splitlines() if line.startswith("LOAD_SECONDS")]
+            results.setdefault("load_seconds", {})[variant] = float(load[0].split()[1]) if load else done.stderr[-1500:]
+            print(f"load of the saved {variant} engine in a fresh process (cold compiler cache): "
+                  f"{results['load_seconds'][variant]} s", flush=True)
+
+    for n in args.lengths:
+        frames = n - n // 3
+        mel = torch.randn(1, config.mel_dim, frames, device=device)
+        ms = timed(lambda: vocoder.decode(mel), device)
+        results["rows"].append({"engine": "vocoder (vocos, fp32)", "frames": frames, "e2e_ms": ms})
+        print(f"{'vocoder alone':32} {frames:5} frames: {ms:8.1f} ms", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -82,13 +82,24 @@ def reset_peak(device):
 
 LOAD_SCRIPT = """
 import sys, time, torch
-start = time.perf_counter()
 from pathlib import Path
+from torch._dynamo.utils import counters
 from indicf5.backends.base import read_spec
-from indicf5.backends.compiled import CompiledBackend
-spec = read_spec(Path(sys.argv[1]))
-CompiledBackend().load(Path(sys.argv[1]), spec, sys.argv[2])
-print(f"LOAD_SECONDS {time.perf_counter() - start:.2f}")
+from indicf5.backends.compiled import COMPILE_CACHE, CompiledBackend, warm_up
+start = time.perf_counter()
+engine_dir, device = Path(sys.argv[1]), sys.argv[2]
+spec = read_spec(engine_dir)
+torch.compiler.load_cache_artifacts((engine_dir / COMPILE_CACHE).read_bytes())
+t1 = time.perf_counter()
+engine = CompiledBackend().engine(engine_dir / "model.safetensors", spec, device)
+with torch.inference_mode():
+    warm_up(engine, spec)
+    t2 = time.perf_counter()
+    engine.capture()
+t3 = time.perf_counter()
+print(f"phases: cache artifacts {t1 - start:.1f} s, construct + warm-up (compile) {t2 - t1:.1f} s, graph capture {t3 - t2:.1f} s")
+print("inductor counters", dict(counters["inductor"]))
+print(f"LOAD_SECONDS {t3 - start:.2f}")
 """
 
 
@@ -101,6 +112,8 @@ def main() -> None:
     ap.add_argument("--compiled", nargs="+", default=["fp16-sdpa", "bf16-sdpa"], help="compiled engines: DTYPE-ATTENTION")
     ap.add_argument("--load-test", nargs="*", default=["fp16-sdpa"], help="variants whose saved engine is loaded in a fresh process")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--skip-eager", action="store_true", help="compiled engines only")
+    ap.add_argument("--no-vocoder", dest="vocoder", action="store_false")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = (ModelConfig(dim=64, depth=2, heads=4, dim_head=16, text_dim=32, conv_layers=1, text_num_embeds=300)
@@ -146,8 +159,9 @@ def main() -> None:
                   f"peak {row['peak_mb']:8.0f} MB  relL2 {rel:.2e}", flush=True)
             del generated
 
-    run_row("eager fp32 (reference)", dit("fp32"), "fp32")
-    run_row("eager fp16", dit("fp16"), "fp16")
+    if not args.skip_eager:
+        run_row("eager fp32 (reference)", dit("fp32"), "fp32")
+        run_row("eager fp16", dit("fp16"), "fp16")
 
     backend = CompiledBackend()
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,12 +195,13 @@ def main() -> None:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"fresh-cache-{variant}"),
                        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
             done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(engine_dir), device], capture_output=True, text=True, env=env)
+            print(done.stdout, flush=True)
             load = [line for line in done.stdout.splitlines() if line.startswith("LOAD_SECONDS")]
             results.setdefault("load_seconds", {})[variant] = float(load[0].split()[1]) if load else done.stderr[-1500:]
             print(f"load of the saved {variant} engine in a fresh process (cold compiler cache): "
                   f"{results['load_seconds'][variant]} s", flush=True)
 
-    for n in args.lengths:
+    for n in args.lengths if args.vocoder else ():
         frames = n - n // 3
         mel = torch.randn(1, config.mel_dim, frames, device=device)
         ms = timed(lambda: vocoder.decode(mel), device)

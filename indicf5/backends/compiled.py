@@ -236,6 +236,7 @@ class CompiledBackend(Backend):
         start = time.perf_counter()
         with torch.inference_mode():
             warm_up(engine, spec)
+            engine.capture()  # capturing every bucket compiles what warm-up did not: save that too
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is None:
             raise RuntimeError("torch.compile produced no cache artifacts to save")

@@ -10,7 +10,6 @@ these functions, and its cache keys come from `Stage.cached`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -183,7 +182,3 @@ def _benchmark(out: Path, engine: Manifest, config: BenchmarkConfig, environment
 
 
 BENCHMARK = Stage("benchmark", inputs=_benchmark_inputs, make=_benchmark)
-
-
-def read_json(manifest: Manifest, name: str) -> Any:
-    return json.loads(manifest.file(name).read_text())

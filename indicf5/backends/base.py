@@ -10,7 +10,6 @@ the parity gate and the benchmark drive every backend the same way.
 
 from __future__ import annotations
 
-import json
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -78,7 +77,3 @@ def read_spec(engine_dir: Path) -> EngineSpec:
         return EngineSpec.model_validate_json((Path(engine_dir) / ENGINE_SPEC).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{engine_dir} is not an engine directory: it has no {ENGINE_SPEC}") from None
-
-
-def spec_summary(spec: EngineSpec) -> str:
-    return json.dumps(spec.model_dump(), sort_keys=True)

@@ -100,6 +100,11 @@ class ChannelsLastConvPositionEmbedding(nn.Module):
         return h.squeeze(2).transpose(1, 2)
 
 
+def row_lengths(mask: torch.Tensor | None, b: int, n: int, device) -> torch.Tensor:
+    """(b,) real frames per row: all n when there is no mask."""
+    return torch.full((b,), n, device=device) if mask is None else mask.sum(-1)
+
+
 @dataclass
 class GraphedLoop:
     """The Euler loop of one (bucket, batch, steps, guidance) shape, captured as one CUDA graph."""
@@ -144,16 +149,15 @@ class CompiledEngine(nn.Module):
     def forward(self, x, cond, text_emb, time, mask=None):
         b, n, _ = x.shape
         size = bucket_for(n, self.buckets)
-        lengths = torch.full((b,), n, device=x.device) if mask is None else mask.sum(-1)
         pad = lambda t: F.pad(t, (0, 0, 0, size - n))  # noqa: E731
-        return self.step(pad(x), pad(cond), pad(text_emb), time.expand(b), lengths)[:, :n]
+        return self.step(pad(x), pad(cond), pad(text_emb), time.expand(b), row_lengths(mask, b, n, x.device))[:, :n]
 
     def integrate(self, velocity: GuidedVelocity, x0: torch.Tensor, t: torch.Tensor, on_step=None) -> torch.Tensor:
         """The Euler loop of sampler.euler, on bucket-padded inputs, as one graph replay on CUDA."""
         b, n, _ = x0.shape
         size = bucket_for(n, self.buckets)
         guided = velocity.cfg_strength >= 1e-5
-        lengths = torch.full((b,), n, device=x0.device) if velocity.mask is None else velocity.mask.sum(-1)
+        lengths = row_lengths(velocity.mask, b, n, x0.device)
         cond = torch.cat((velocity.cond, torch.zeros_like(velocity.cond))) if guided else velocity.cond
         pad = lambda t_: F.pad(t_, (0, 0, 0, size - n))  # noqa: E731
         inputs = dict(x=pad(x0), cond=pad(cond), text_emb=pad(velocity.text_emb),

@@ -39,15 +39,18 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(data.T), rate
 
 
-def wav_bytes(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
+def audio_bytes(samples: np.ndarray, rate: int, container: str = "WAV") -> bytes:
+    """16-bit audio in a WAV, FLAC or RAW (headerless little-endian) container; the samples are
+    quantised here, once, so every container carries the same integers."""
+    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
     buf = io.BytesIO()
-    sf.write(buf, np.clip(samples, -1.0, 1.0), rate, format=fmt, subtype=subtype)
+    sf.write(buf, pcm, rate, format=container, subtype="PCM_16", **({"endian": "LITTLE"} if container == "RAW" else {}))
     return buf.getvalue()
 
 
 def write_wav(path: str | Path, samples: np.ndarray, rate: int) -> None:
     """Written whole or not at all: a temporary file renamed into place."""
-    atomic_write_bytes(Path(path), wav_bytes(samples, rate))
+    atomic_write_bytes(Path(path), audio_bytes(samples, rate))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,30 @@ def _build(args) -> int:
     return 1 if summary.failed else 0
 
 
+def _serve(args) -> None:
+    import uvicorn
+
+    from indicf5.serve.app import ServerConfig, create_app
+
+    overrides = {k: v for k, v in (("backend", args.backend), ("devices", args.device), ("voices_dir", args.voices_dir),
+                                   ("max_batch_rows", args.max_batch), ("max_queue", args.max_queue)) if v is not None}
+    config = ServerConfig(**overrides)
+    if config.backend is not None:
+        from indicf5.backends import get_backend
+
+        get_backend(config.backend)  # an unknown name is bad input, before anything loads
+    if Path(args.engine).is_dir():
+        engine_dir = Path(args.engine)
+    else:  # an MLflow reference (MLflow is imported only for these)
+        from indicf5.settings import Settings
+        from indicf5.tracking import resolve_engine
+
+        engine_dir, backend = resolve_engine(Settings(), args.engine, config.backend)
+        config = config.model_copy(update={"backend": backend})
+    print(f"serving {engine_dir} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
+    uvicorn.run(create_app(engine_dir, config), host=args.host, port=args.port, log_level="info")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="indicf5", description="IndicF5 text-to-speech: reference library and engine builds")
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +142,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bench-lengths", type=int, nargs="+", default=[250, 500], metavar="FRAMES")
     s.add_argument("--parity-nfe", type=int, default=8)
     s.set_defaults(run=_build)
+
+    s = sub.add_parser("serve", help="HTTP text-to-speech server over a built engine (FastAPI; docs at /docs)")
+    s.add_argument("--engine", default="champion",
+                   help="engine directory, MLflow engine run id, or alias of the registered model (default champion)")
+    s.add_argument("--backend", help="eager (the PyTorch path), compiled or trtllm; default the engine's own (env TTS_BACKEND)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", action="append", help="one inference worker per device (repeatable); default every GPU, else cpu")
+    s.add_argument("--voices-dir", type=Path, help="named voices (default $INDICF5_HOME/voices)")
+    s.add_argument("--max-batch", type=int, help="utterance chunks per engine batch (default 8)")
+    s.add_argument("--max-queue", type=int, help="queued requests before answering 429 (default 64)")
+    s.set_defaults(run=_serve)
     return p
 
 

@@ -45,11 +45,15 @@ def euler(velocity: VelocityFn, x: torch.Tensor, t: torch.Tensor, on_step: Calla
     return x
 
 
-def initial_noise(durations: list[int], n_mels: int, seed: int | None, device, dtype) -> torch.Tensor:
+Seeds = int | None | list[int | None]  # one for every row, or one per row
+
+
+def initial_noise(durations: list[int], n_mels: int, seed: Seeds, device, dtype) -> torch.Tensor:
     """(b, max(durations), mel) noise, zero-padded; each row re-seeded so it does not depend on the
     batch. Drawn in fp32 whatever the dtype, so fp16/bf16 engines start from the reference's noise."""
     rows = []
-    for n in durations:
+    seeds = seed if isinstance(seed, list) else [seed] * len(durations)
+    for n, seed in zip(durations, seeds):
         if seed is not None:
             torch.manual_seed(seed)
         rows.append(torch.randn(n, n_mels, device=device, dtype=torch.float32).to(dtype))
@@ -58,6 +62,12 @@ def initial_noise(durations: list[int], n_mels: int, seed: int | None, device, d
 
 def lengths_to_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
     return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def fit_durations(durations: list[int], ref_lens: list[int], text_lens: list[int], max_frames: int) -> list[int]:
+    """Each row's total frames: at least one past its reference and its text, so something is
+    generated, and at most max_frames."""
+    return [min(max(d, max(r, tl) + 1), max_frames) for d, r, tl in zip(durations, ref_lens, text_lens)]
 
 
 def embed_text_rows(model: FlowModel, text: torch.Tensor, durations: list[int], n: int) -> torch.Tensor:
@@ -114,19 +124,18 @@ def sample(
     nfe: int = 32,
     cfg_strength: float = 2.0,
     sway_coef: float | None = -1.0,
-    seed: int | None = None,
+    seed: Seeds = None,
     max_frames: int = 4096,
     dtype: torch.dtype | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """(b, max(durations), mel) mel frames, the reference frames included, in fp32."""
+    """(b, max(durations), mel) mel frames, the reference frames included, in fp32; row i is
+    valid up to fit_durations(...)[i]."""
     b, n_ref, n_mels = cond.shape
     dtype = dtype or cond.dtype
     device = cond.device
     ref_lens_t = torch.tensor(ref_lens or [n_ref] * b, device=device)
-    text_lens = (text != -1).sum(-1)
-    # at least one frame past the reference and the text, so something is generated
-    durations = [min(max(d, int(max(r, tl)) + 1), max_frames) for d, r, tl in zip(durations, ref_lens_t.tolist(), text_lens.tolist())]
+    durations = fit_durations(durations, ref_lens_t.tolist(), (text != -1).sum(-1).tolist(), max_frames)
     n = max(durations)
 
     ref_mask = lengths_to_mask(ref_lens_t, n)[..., None]  # (b, n, 1)

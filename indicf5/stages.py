@@ -17,8 +17,7 @@ from typing import Any, Callable
 from indicf5 import benchmark as benchmark_module
 from indicf5 import checkpoint as checkpoint_module
 from indicf5 import hub, model, parity, plots, sampler
-from indicf5.backends import EngineSpec, get_backend, load_engine
-from indicf5.backends.base import write_shared_files
+from indicf5.backends import EngineSpec, build_engine, get_backend, load_engine
 from indicf5.benchmark import BenchmarkConfig, benchmark_engine
 from indicf5.checkpoint import build_model, export_transformer, load_export
 from indicf5.audio import write_wav
@@ -117,13 +116,8 @@ def _build_inputs(convert: Manifest, export: Manifest, backend: str, dtype: DTyp
 
 def _build(out: Path, convert: Manifest, export: Manifest, backend: str, dtype: DType, flags: dict[str, Any],
            environment: EnvironmentReport) -> dict[str, Any]:
-    impl = get_backend(backend)
-    impl.require()
-    spec = EngineSpec(backend=backend, dtype=dtype, model=load_export(Path(export.path)).config,
-                      build_flags={**impl.default_flags(), **flags, "device": environment.device},
-                      versions=environment.versions())
-    info = impl.build(Path(convert.path), spec, out)
-    write_shared_files(Path(export.path), spec, out)
+    spec, info = build_engine(Path(export.path), Path(convert.path), backend, dtype, out, environment.device, flags,
+                              environment.versions())
     return {"spec": spec.model_dump(), **info}
 
 

@@ -1,10 +1,13 @@
 """Text + reference voice -> 24 kHz speech, as IndicF5's ``infer_process`` does it:
 
-    reference wav ─prepare─> 24 kHz mono ─mel─> cond (1, n_ref, 100)
-    text ─chunk (~25 s of speech each)─> for each chunk:
+    reference wav ─prepare─> 24 kHz mono ─mel─> cond (n_ref, 100)
+    text ─chunk (~25 s of speech each)─> one Row per chunk:
         ids(ref_text + chunk), frames ≈ n_ref * (1 + bytes(chunk) / bytes(ref_text)) / speed
-        ─sample (flow model)─> mel ─drop reference frames─> vocoder ─> wave (scaled back to the ref's RMS)
-    chunks ─cross-fade─> wave
+    rows ─render (sample, any batch of rows)─> mel ─drop reference frames─> vocoder ─> wave
+    waves ─finish (scaled back to the ref's RMS, cross-faded)─> speech
+
+`synthesize` renders an utterance's rows one at a time; the server renders rows of several
+requests in one batch (a row's result does not depend on its batch-mates).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from indicf5.backends import load_engine
 from indicf5.audio import MelSpectrogram, Reference, cross_fade, prepare_reference
 from indicf5.checkpoint import build_model, load_checkpoint
 from indicf5.config import TORCH_DTYPES, DType, MelConfig, SamplingConfig
-from indicf5.sampler import FlowModel, sample
+from torch.nn.utils.rnn import pad_sequence
+
+from indicf5.sampler import FlowModel, fit_durations, sample
 from indicf5.text import Vocab, check_text, chunk_budget, chunk_text, encode, estimate_frames, normalize_ref_text
 from indicf5.vocoder import decode, load_vocoder
+
 
 @dataclass
 class Speech:
@@ -30,6 +36,30 @@ class Speech:
     sample_rate: int
     mel: np.ndarray  # (n_mels, frames) the generated frames of all chunks
     chunks: list[str]
+
+
+@dataclass
+class Row:
+    """One chunk of one utterance: one row of the sampler's batch."""
+
+    cond: torch.Tensor  # (n_ref, n_mels) the reference's mel
+    ids: torch.Tensor  # (nt,) reference text + chunk
+    frames: int  # total frames wanted, reference included
+    ref_frames: int  # frames of the result that belong to the reference (dropped)
+    seed: int | None
+
+
+@dataclass
+class Rendered:
+    wave: np.ndarray  # (samples,) the row's generated speech
+    mel: np.ndarray  # (n_mels, frames)
+
+
+@dataclass
+class Utterance:
+    rows: list[Row]
+    chunks: list[str]
+    source_rms: float  # the reference's loudness: the output is scaled back to it
 
 
 @dataclass
@@ -50,19 +80,21 @@ class Synthesizer:
         return cls(build_model(ckpt, device, torch_dtype), vocoder, ckpt.vocab, device, torch_dtype)
 
     @classmethod
-    def from_engine(cls, engine_dir: str | Path, *, device: str = "cpu", vocoder_dir: str | Path | None = None) -> "Synthesizer":
-        """A built engine directory (any backend), as the build DAG leaves it."""
-        model, spec, vocab_path, vocoder_state = load_engine(engine_dir, device)
+    def from_engine(cls, engine_dir: str | Path, *, device: str = "cpu", vocoder_dir: str | Path | None = None,
+                    backend: str | None = None) -> "Synthesizer":
+        """A built engine directory (any backend), as the build DAG leaves it; `backend` runs its
+        files on another backend that can (e.g. the PyTorch path, eager, on a compiled engine)."""
+        model, spec, vocab_path, vocoder_state = load_engine(engine_dir, device, backend)
         vocoder = load_vocoder(vocoder_state if vocoder_dir is None else None, vocoder_dir, device)
         return cls(model, vocoder, Vocab.load(vocab_path), device, TORCH_DTYPES[spec.dtype])
 
     def reference_mel(self, ref: Reference) -> torch.Tensor:
-        """(1, frames, n_mels) conditioning mel of a prepared reference."""
+        """(frames, n_mels) conditioning mel of a prepared reference."""
         mel = MelSpectrogram(self.mel_config).to(self.device)
-        return mel(ref.wave.to(self.device)).transpose(1, 2)
+        return mel(ref.wave.to(self.device))[0].transpose(0, 1)
 
-    def synthesize(self, text: str, ref_audio: str | Path, ref_text: str, sampling: SamplingConfig = SamplingConfig(),
-                   progress: bool = False) -> Speech:
+    def prepare(self, text: str, ref_audio: str | Path, ref_text: str, sampling: SamplingConfig = SamplingConfig()) -> Utterance:
+        """Checks the texts, prepares the reference and cuts the text into rows."""
         check_text(text, self.vocab)
         check_text(ref_text, self.vocab, "reference text")
         ref = prepare_reference(ref_audio, sampling.target_rms, self.mel_config)
@@ -72,20 +104,35 @@ class Synthesizer:
             ref_text += " "
         cond = self.reference_mel(ref)
         ref_frames = ref.wave.shape[-1] // self.mel_config.hop_length
+        rows = [Row(cond, encode(ref_text + chunk, self.vocab), estimate_frames(ref_frames, ref_text, chunk, sampling.speed),
+                    ref_frames, sampling.seed) for chunk in chunks]
+        return Utterance(rows, chunks, ref.source_rms)
 
-        waves, mels = [], []
-        with tqdm(total=len(chunks) * sampling.nfe, desc="synthesis", unit="step", disable=not progress) as bar:
-            for chunk in chunks:
-                chunk_ids = encode(ref_text + chunk, self.vocab)
-                frames = estimate_frames(ref_frames, ref_text, chunk, sampling.speed)
-                mel = sample(self.model, cond, chunk_ids[None].to(self.device), [frames], nfe=sampling.nfe,
-                             cfg_strength=sampling.cfg_strength, sway_coef=sampling.sway_coef, seed=sampling.seed,
-                             max_frames=sampling.max_frames, dtype=self.dtype, on_step=bar.update)
-                generated = mel[:, ref_frames:, :].transpose(1, 2)  # (1, n_mels, frames)
-                wave = decode(self.vocoder, generated)[0]
-                if ref.source_rms < sampling.target_rms:
-                    wave = wave * ref.source_rms / sampling.target_rms
-                waves.append(wave.cpu().numpy())
-                mels.append(generated[0].cpu().numpy())
-        return Speech(cross_fade(waves, self.mel_config.sample_rate, sampling.cross_fade_s),
-                      self.mel_config.sample_rate, np.concatenate(mels, axis=1), chunks)
+    def render(self, rows: list[Row], sampling: SamplingConfig = SamplingConfig(), on_step=None) -> list[Rendered]:
+        """Samples the rows as one batch (they share the sampling settings) and vocodes each."""
+        cond = pad_sequence([r.cond for r in rows], batch_first=True)
+        text = pad_sequence([r.ids for r in rows], batch_first=True, padding_value=-1).to(self.device)
+        ref_lens = [r.cond.shape[0] for r in rows]
+        mel = sample(self.model, cond, text, [r.frames for r in rows], ref_lens=ref_lens, nfe=sampling.nfe,
+                     cfg_strength=sampling.cfg_strength, sway_coef=sampling.sway_coef, seed=[r.seed for r in rows],
+                     max_frames=sampling.max_frames, dtype=self.dtype, on_step=on_step)
+        lengths = fit_durations([r.frames for r in rows], ref_lens, [len(r.ids) for r in rows], sampling.max_frames)
+        out = []
+        for row, m, n in zip(rows, mel, lengths):
+            generated = m[row.ref_frames:n].T[None]  # (1, n_mels, frames)
+            out.append(Rendered(decode(self.vocoder, generated)[0].cpu().numpy(), generated[0].cpu().numpy()))
+        return out
+
+    def finish(self, utterance: Utterance, rendered: list[Rendered], sampling: SamplingConfig = SamplingConfig()) -> Speech:
+        """The rendered rows of an utterance joined into its speech."""
+        scale = utterance.source_rms / sampling.target_rms if utterance.source_rms < sampling.target_rms else 1.0
+        waves = [r.wave * scale for r in rendered]
+        return Speech(cross_fade(waves, self.mel_config.sample_rate, sampling.cross_fade_s), self.mel_config.sample_rate,
+                      np.concatenate([r.mel for r in rendered], axis=1), utterance.chunks)
+
+    def synthesize(self, text: str, ref_audio: str | Path, ref_text: str, sampling: SamplingConfig = SamplingConfig(),
+                   progress: bool = False) -> Speech:
+        utterance = self.prepare(text, ref_audio, ref_text, sampling)
+        with tqdm(total=len(utterance.rows) * sampling.nfe, desc="synthesis", unit="step", disable=not progress) as bar:
+            rendered = [self.render([row], sampling, bar.update)[0] for row in utterance.rows]
+        return self.finish(utterance, rendered, sampling)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from indicf5.audio import wav_bytes
+from indicf5.audio import audio_bytes
 from indicf5.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE
 from indicf5.config import ModelConfig
 from indicf5.model import DiT
@@ -81,6 +81,6 @@ def make_synthetic(out: str | Path, *, dim: int = 64, depth: int = 2, heads: int
             "architectures": ["INF5Model"], "model_type": "inf5", "vocab_path": VOCAB_FILE,
             "synthetic": True, "seed": seed, **config.model_dump(),
         }, indent=2))
-        (tmp / REF_WAV).write_bytes(wav_bytes(reference_clip(seed=seed), 24_000))
+        (tmp / REF_WAV).write_bytes(audio_bytes(reference_clip(seed=seed), 24_000))
         (tmp / REF_TXT).write_text(REF_TEXT + "\n", encoding="utf-8")
     return out

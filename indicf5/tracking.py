@@ -3,6 +3,8 @@
 Parent runs carry the tag ``indicf5.build_key`` (a hash of every artifact the build used), which
 makes registering idempotent: a rerun of an unchanged build finds its run instead of adding one.
 Runs are tagged with the repo and the resolved sha so watchers and comparisons can query them.
+Every engine that passed its parity gate is a version of the registered model ``indicf5-engine``;
+servers load engines by such a version's alias (``champion``), by engine run id, or by path.
 """
 
 from __future__ import annotations
@@ -13,17 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from indicf5.benchmark import BenchmarkReport
 from indicf5.environment import EnvironmentReport
+from indicf5.errors import InputError
 from indicf5.hub import SourceRef
 from indicf5.parity import ParityReport
 from indicf5.settings import Settings
 from indicf5.store import Manifest, stable_hash
 
 TAG = "indicf5."
+REGISTERED_MODEL = "indicf5-engine"
 
 
 class BranchRecord(BaseModel):
@@ -119,4 +125,53 @@ def register_build(settings: Settings, source: SourceRef, environment: Environme
                 for m, name in ((b.verify, "parity.json"), (b.benchmark, "benchmark.json"), (b.benchmark, "sample.wav"),
                                 (b.benchmark, "mel.png"), (b.benchmark, "latency.png")):
                     mlflow.log_artifact(str(m.file(name)), "results")
+                register_engine(mlflow.active_run(), {"backend": b.backend, "dtype": b.dtype, "sha": source.sha})
     return parent.info.run_id
+
+
+def register_engine(run: Run, tags: dict[str, str]) -> str:
+    """A new version of the registered engine model for an engine run; returns its version."""
+    client = MlflowClient()
+    try:
+        client.get_registered_model(REGISTERED_MODEL)
+    except MlflowException:
+        client.create_registered_model(REGISTERED_MODEL, description="IndicF5 inference engines that passed their parity gate")
+    return client.create_model_version(REGISTERED_MODEL, source=f"{run.info.artifact_uri}/engine", run_id=run.info.run_id,
+                                       tags=tags).version
+
+
+def _engine_run(client: MlflowClient, ref: str) -> Run:
+    try:
+        run = client.get_run(ref)
+    except MlflowException:
+        try:
+            run = client.get_run(client.get_model_version_by_alias(REGISTERED_MODEL, ref).run_id)
+        except MlflowException:
+            raise InputError(f"{ref!r} is neither an engine directory, nor an MLflow run id, nor an alias of the "
+                             f"registered model {REGISTERED_MODEL}: give one of those (indicf5 compare sets 'champion')") from None
+    if run.data.tags.get(f"{TAG}kind") != "engine":
+        raise InputError(f"MLflow run {run.info.run_id} is not an engine run (kind {run.data.tags.get(f'{TAG}kind')}): "
+                         "give the run of one engine (backend-dtype) of a build")
+    return run
+
+
+def resolve_engine(settings: Settings, ref: str, backend: str | None = None) -> tuple[Path, str | None]:
+    """(engine directory, backend to run it on or None for its own) for an engine run id or an alias.
+    With `backend`, it switches to the same build's engine of that backend (the same dtype
+    preferred); a build without one runs the engine's files on that backend."""
+    use_tracking(settings)
+    client = MlflowClient()
+    run = _engine_run(client, ref)
+    tags = run.data.tags
+    if backend is not None and tags[f"{TAG}backend"] != backend:
+        siblings = client.search_runs(
+            [run.info.experiment_id], f"tags.`{TAG}kind` = 'engine' and tags.`{TAG}sha` = '{tags[f'{TAG}sha']}' "
+            f"and tags.`{TAG}backend` = '{backend}' and tags.`mlflow.parentRunId` = '{tags['mlflow.parentRunId']}'")
+        if siblings:
+            run = sorted(siblings, key=lambda r: r.data.tags[f"{TAG}dtype"] != tags[f"{TAG}dtype"])[0]
+            tags = run.data.tags
+    path = Path(tags[f"{TAG}engine_path"])
+    if not path.is_dir():
+        raise InputError(f"engine {path} of MLflow run {run.info.run_id} is not on this machine: "
+                         "serve on the machine that built it, or copy the engine directory here and give its path")
+    return path, backend if backend != tags[f"{TAG}backend"] else None

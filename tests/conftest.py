@@ -72,6 +72,7 @@ def hub(snapshot):
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh workspace (artifact store, MLflow sqlite) for one test."""
     monkeypatch.setenv("INDICF5_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it; undone after the test
     return tmp_path / "home"
 
 

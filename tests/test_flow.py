@@ -23,46 +23,44 @@ SMALL = dict(bench_lengths=[120], nfe=8, parity=ParityConfig(lengths=[64, 150], 
 
 
 def build(**params):
-    """Runs the flow in this process; returns (summary, seconds)."""
-    start = time.perf_counter()
+    """Runs the flow in this process; returns its summary."""
     state = build_engine_flow(**{**SMALL, **params}, return_state=True)
     outcome = state.result(raise_on_failure=False)
     summary = outcome.summary if isinstance(outcome, BuildFailed) else outcome
     if isinstance(outcome, BaseException) and not isinstance(outcome, BuildFailed):
         raise outcome
-    return summary, time.perf_counter() - start
+    return summary
 
 
 def runbook_states(summary) -> dict[str, str]:
     return {k: v for k, v in summary.stages.items() if k.split("/")[-1] in RUNBOOK_STAGES}
 
 
-def test_rebuild_of_an_unchanged_build_is_all_cached_and_fast(home, prefect_api):
-    first, t_first = build(synthetic=True, dtypes=["fp32", "fp16"])
+def test_rebuild_of_an_unchanged_build_is_all_cached(home, prefect_api):
+    first = build(synthetic=True, dtypes=["fp32", "fp16"])
     assert not first.failed
     assert all(state == "Completed" for state in runbook_states(first).values()), first.stages
-    second, t_second = build(synthetic=True, dtypes=["fp32", "fp16"])
+    second = build(synthetic=True, dtypes=["fp32", "fp16"])
     assert len(runbook_states(second)) == 4 + 4 * 2 + 1
     assert all(state == "Cached" for state in runbook_states(second).values()), second.stages
     assert second.mlflow_run_id == first.mlflow_run_id
     assert [b.engine for b in second.branches] == [b.engine for b in first.branches]
-    assert t_second < 0.3 * t_first, (t_first, t_second)
 
 
 def test_a_corrupted_or_deleted_artifact_is_rebuilt_not_trusted(home, prefect_api):
-    first, _ = build(synthetic=True, dtypes=["fp32"])
+    first = build(synthetic=True, dtypes=["fp32"])
     engine = Path(first.branches[0].engine)
     (engine / "model.safetensors").write_bytes(b"corrupted")
     export_dir = next((home / "export").iterdir())
     (export_dir / "indicf5_transformer.pt").unlink()
-    second, _ = build(synthetic=True, dtypes=["fp32"])
+    second = build(synthetic=True, dtypes=["fp32"])
     assert second.stages["export_transformer"] == "Completed"
     assert second.stages["eager-fp32/build_engine"] == "Completed"
     store = ArtifactStore(home)
     for stage in ("export", "build"):
         for d in (home / stage).iterdir():
             assert store.load(stage, d.name) is not None, f"{stage}/{d.name} left invalid"
-    third, _ = build(synthetic=True, dtypes=["fp32"])
+    third = build(synthetic=True, dtypes=["fp32"])
     assert all(state == "Cached" for state in runbook_states(third).values()), third.stages
 
 
@@ -110,7 +108,7 @@ def test_sigkill_during_build_then_rerun_completes_from_cache(home, tmp_path):
 
 def test_a_failing_branch_does_not_stop_the_others(home, prefect_api):
     strict = ParityConfig(lengths=[64], nfe=4, thresholds={"fp32": 1e-4, "fp16": 1e-9, "bf16": 2e-2})
-    summary, _ = build(synthetic=True, backends=["eager", "nosuch"], dtypes=["fp32", "fp16"], parity=strict)
+    summary = build(synthetic=True, backends=["eager", "nosuch"], dtypes=["fp32", "fp16"], parity=strict)
     by_name = {f"{b.backend}-{b.dtype}": b for b in summary.branches}
     assert by_name["eager-fp32"].error is None and by_name["eager-fp32"].engine
     assert "fails parity" in by_name["eager-fp16"].error
@@ -129,7 +127,7 @@ def test_mlflow_records_the_build_and_no_secret_leaks(home, hub, prefect_api, mo
     repo.token = secret
     monkeypatch.setenv("HF_TOKEN", secret)
     try:
-        summary, _ = build(repo_id="ai4bharat/IndicF5", revision="main", dtypes=["fp32", "fp16"])
+        summary = build(repo_id="ai4bharat/IndicF5", revision="main", dtypes=["fp32", "fp16"])
     finally:
         repo.token = None
     assert not summary.failed
@@ -175,7 +173,7 @@ def test_mlflow_records_the_build_and_no_secret_leaks(home, hub, prefect_api, mo
 
 def test_compiled_engine_builds_on_cpu_and_passes_its_parity_gate(home, prefect_api):
     parity = ParityConfig(lengths=[64, 150, 300], nfe=4)  # inside buckets and across two of them
-    summary, _ = build(synthetic=True, backends=["compiled"], dtypes=["fp32"], parity=parity)
+    summary = build(synthetic=True, backends=["compiled"], dtypes=["fp32"], parity=parity)
     assert not summary.failed, summary.branches
     branch = summary.branches[0]
     assert branch.parity_rel_l2 <= 1e-4

@@ -217,6 +217,7 @@ class CompiledEngine(nn.Module):
 class CompiledBackend(Backend):
     name = "compiled"
     modules = (model, checkpoint, base)
+    engine_files = (WEIGHTS, COMPILE_CACHE)
 
     def default_flags(self) -> dict:
         return {"buckets": list(BUCKETS), "cuda_graphs": True, "attention": "sdpa"}

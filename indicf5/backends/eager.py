@@ -24,6 +24,7 @@ WEIGHTS = "model.safetensors"
 class EagerBackend(Backend):
     name = "eager"
     modules = (model, checkpoint, base)
+    engine_files = (WEIGHTS,)
 
     def convert(self, export_dir: Path, dtype: DType, out: Path) -> dict:
         ckpt = load_export(export_dir)

@@ -1,0 +1,131 @@
+"""A bounded load test of `indicf5 serve` on loopback: throughput and latency percentiles, with
+batching off (max batch 1) and on, side by side in one run.
+
+    python bench/load.py --engine ENGINE_DIR [--requests 64 --concurrency 8 --max-batch 1 8 --device cuda]
+    python bench/load.py --synthetic [...]           # builds a small synthetic eager engine first
+    python bench/load.py --url http://host:8000 --voice NAME [...]   # an already running server
+
+Each request is POST /v1/audio/speech of one of a few sentences in one voice. A warm-up round
+(one request per client, not measured) comes first: it takes the engine's first-call costs for
+the batch sizes the run will see. Prints requests/s, seconds of audio per second, latency
+p50/p90/p99/max, errors by status, and the server's mean rows per engine batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indicf5.audio import write_wav  # noqa: E402
+from indicf5.serve.process import ServerProcess  # noqa: E402
+from indicf5.synthetic import REF_TEXT, reference_clip  # noqa: E402
+
+SENTENCES = ["नमस्ते, आप कैसे हैं?", "यह एक परीक्षण वाक्य है।", "आज मौसम बहुत अच्छा है।", "मुझे हिंदी बोलना पसंद है।"]
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M))
+
+
+def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds: float, seed: int = 0) -> dict:
+    deadline = time.monotonic() + max_seconds
+    with httpx.Client(limits=httpx.Limits(max_connections=concurrency), timeout=600) as client:
+        def one(i: int):
+            if time.monotonic() > deadline:
+                return None
+            start = time.perf_counter()
+            r = client.post(f"{url}/v1/audio/speech", json={"input": SENTENCES[i % len(SENTENCES)], "voice": voice, "seed": seed + i})
+            return r.status_code, time.perf_counter() - start, float(r.headers.get("x-audio-seconds", 0))
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(concurrency)))  # warm-up
+            batches0, rows0 = metric(url, "indicf5_batch_rows_count"), metric(url, "indicf5_batch_rows_sum")
+            start = time.perf_counter()
+            results = [r for r in pool.map(one, range(requests)) if r is not None]
+            wall = time.perf_counter() - start
+    ok = [r for r in results if r[0] == 200]
+    latencies = np.array([r[1] for r in ok]) * 1e3
+    errors: dict[str, int] = {}
+    for status, _, _ in results:
+        if status != 200:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+    batches = metric(url, "indicf5_batch_rows_count") - batches0
+    pct = lambda q: float(np.percentile(latencies, q)) if len(latencies) else float("nan")  # noqa: E731
+    return {"requests": len(results), "ok": len(ok), "errors": errors, "wall_s": wall, "rps": len(ok) / wall,
+            "audio_s_per_s": sum(r[2] for r in ok) / wall, "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+            "max_ms": float(latencies.max()) if len(latencies) else float("nan"),
+            "rows_per_batch": (metric(url, "indicf5_batch_rows_sum") - rows0) / batches if batches else float("nan")}
+
+
+def add_voice(url: str, audio: Path, text: str, name: str = "load") -> str:
+    if not any(v["name"] == name for v in httpx.get(f"{url}/v1/voices").json()):
+        with audio.open("rb") as f:
+            r = httpx.post(f"{url}/v1/voices", data={"name": name, "ref_text": text}, files={"audio": (audio.name, f)})
+        r.raise_for_status()
+    return name
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--engine", type=Path, help="engine directory to serve")
+    target.add_argument("--synthetic", action="store_true", help="build a small synthetic eager engine and serve it")
+    target.add_argument("--url", help="a running server")
+    p.add_argument("--voice", help="with --url: a voice the server has (default: add the synthetic reference)")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-batch", type=int, nargs="+", default=[1, 8], help="one server per value (not with --url)")
+    p.add_argument("--max-seconds", type=float, default=300, help="stop sending after this long")
+    p.add_argument("--device", action="append", help="passed to indicf5 serve")
+    p.add_argument("--out", type=Path, help="write the results as JSON")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ref = tmp / "reference.wav"
+        write_wav(ref, reference_clip(seconds=3.0), 24_000)
+        results = {}
+        if args.url:
+            voice = args.voice or add_voice(args.url, ref, REF_TEXT)
+            results["server"] = run_load(args.url, voice, args.requests, args.concurrency, args.max_seconds)
+        else:
+            engine = args.engine
+            if args.synthetic:
+                from indicf5.backends import engine_from_checkpoint
+                from indicf5.synthetic import make_synthetic
+
+                engine = engine_from_checkpoint(make_synthetic(tmp / "IndicF5"), tmp / "build")
+            for max_batch in args.max_batch:
+                extra = ["--max-batch", str(max_batch), "--voices-dir", str(tmp / "voices")]
+                for device in args.device or []:
+                    extra += ["--device", device]
+                with ServerProcess(engine, tmp / f"server-{max_batch}.log", *extra) as server:
+                    voice = add_voice(server.url, ref, REF_TEXT)
+                    results[f"max_batch={max_batch}"] = run_load(server.url, voice, args.requests, args.concurrency, args.max_seconds)
+
+    print(f"\n{args.requests} requests, {args.concurrency} clients")
+    print(f"{'server':16} {'ok':>4} {'req/s':>7} {'audio s/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rows/batch':>10}  errors")
+    for name, r in results.items():
+        print(f"{name:16} {r['ok']:>4} {r['rps']:>7.2f} {r['audio_s_per_s']:>9.2f} {r['p50_ms']:>8.0f} {r['p90_ms']:>8.0f} "
+              f"{r['p99_ms']:>8.0f} {r['max_ms']:>8.0f} {r['rows_per_batch']:>10.2f}  {r['errors'] or '-'}")
+    if len(results) > 1:
+        names = list(results)
+        print(f"throughput {names[-1]} / {names[0]}: {results[names[-1]]['rps'] / results[names[0]]['rps']:.2f}x")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The HTTP API. Handlers validate and prepare a request (text checks, reference audio) in a thread,
+queue its rows for an inference worker, wait for them (freeing the slot if the client leaves or
+the request times out), then join and encode the audio.
+
+    POST /v1/audio/speech   OpenAI-compatible: {"input", "voice", "speed", "response_format"}
+    POST /v1/synthesize     multipart: text, ref_audio (file), ref_text
+    GET/POST/DELETE /v1/voices
+    GET /healthz  GET /readyz  GET /metrics  GET /docs
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from indicf5.audio import prepare_reference, audio_bytes
+from indicf5.backends import read_spec
+from indicf5.config import SamplingConfig
+from indicf5.errors import InputError
+from indicf5.settings import Settings
+from indicf5.serve.batching import InferenceQueue, InferenceWorker, QueueFull
+from indicf5.serve.metrics import Metrics
+from indicf5.serve.middleware import BodyLimit, Measure, error_response
+from indicf5.serve.voices import UnknownVoice, Voice, VoiceExists, VoiceStore
+from indicf5.synth import Row, Synthesizer
+
+log = logging.getLogger(__name__)
+
+AUDIO_FORMATS = {"wav": ("WAV", "audio/wav"), "flac": ("FLAC", "audio/flac"), "pcm": ("RAW", "audio/pcm")}
+ResponseFormat = Literal["wav", "pcm", "flac"]
+
+
+class ServerConfig(BaseSettings):
+    """What `indicf5 serve` runs; every field is also an environment variable (TTS_BACKEND, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="TTS_", extra="ignore")
+
+    backend: str | None = Field(None, description="run the engine on this backend (eager = the PyTorch path)")
+    devices: list[str] = Field(default_factory=list, description="one inference worker each; default every GPU, else cpu")
+    voices_dir: Path | None = Field(None, description="named voices; default $INDICF5_HOME/voices")
+    max_queue: int = Field(64, ge=1, description="queued requests before 429")
+    max_batch_rows: int = Field(8, ge=1, description="utterance chunks per engine batch")
+    batch_wait_ms: float = Field(10.0, ge=0, description="how long a worker waits for batch-mates")
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_text_chars: int = Field(2000, ge=1)
+    max_upload_bytes: int = Field(10 * 2**20, ge=1)
+    nfe: int = Field(32, ge=1, le=1024)
+
+    def worker_devices(self) -> list[str]:
+        if self.devices:
+            return self.devices
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's /v1/audio/speech body (``model`` and ``instructions`` are accepted and ignored)."""
+
+    input: str = Field(description="text to speak")
+    voice: str = Field(description="a voice added with POST /v1/voices")
+    model: str | None = None
+    instructions: str | None = None
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    response_format: ResponseFormat = "wav"
+    seed: int | None = Field(None, description="same seed, same audio")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+@dataclass
+class Engine:
+    """The loaded engine: one synthesizer per device, their workers, and the queue they share."""
+
+    engine_dir: Path
+    config: ServerConfig
+    queue: InferenceQueue
+    synthesizers: list[Synthesizer] = field(default_factory=list)
+    workers: list[InferenceWorker] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+
+    def load(self) -> None:
+        """Loads and warms an engine per device, then starts their workers (on a thread: /healthz answers meanwhile)."""
+        try:
+            for device in self.config.worker_devices():
+                synth = Synthesizer.from_engine(self.engine_dir, device=device, backend=self.config.backend)
+                warm_up(synth, self.config)
+                self.synthesizers.append(synth)
+            self.queue.workers = len(self.synthesizers)
+            self.workers = [InferenceWorker(self.queue, s) for s in self.synthesizers]
+            for w in self.workers:
+                w.start()
+            self.ready.set()
+            log.info("engine %s ready on %s", self.engine_dir, ", ".join(s.device for s in self.synthesizers))
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("loading the engine %s failed", self.engine_dir)
+
+    def close(self) -> None:
+        self.queue.close()
+        for w in self.workers:
+            w.join(timeout=30)
+
+
+def warm_up(synth: Synthesizer, config: ServerConfig) -> None:
+    """One guided utterance through the engine, so the first request pays no first-call costs."""
+    n_mels = synth.mel_config.n_mels
+    row = Row(torch.zeros(64, n_mels, device=synth.device), torch.zeros(16, dtype=torch.long), 160, 64, 0)
+    synth.render([row], SamplingConfig(nfe=config.nfe))
+
+
+def create_app(engine_dir: Path, config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    metrics = Metrics()
+    queue = InferenceQueue(metrics, config.max_queue, config.max_batch_rows, config.batch_wait_ms / 1000)
+    engine = Engine(Path(engine_dir), config, queue)
+    voices = VoiceStore(config.voices_dir or Settings().store_root / "voices")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=engine.load, name="engine-load", daemon=True).start()
+        yield
+        engine.close()
+
+    app = FastAPI(title="IndicF5 TTS", version="0.1.0", lifespan=lifespan,
+                  description="Speech in the voice of a reference clip, from a built IndicF5 engine.")
+    app.state.engine, app.state.metrics, app.state.voices = engine, metrics, voices
+
+    # --- errors: always JSON (middleware.error_response), counted by Measure
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return error_response(e.status, e.message, e.headers)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, e: InputError):
+        return error_response(404 if isinstance(e, UnknownVoice) else 409 if isinstance(e, VoiceExists) else 400, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: {err['msg']}" for err in e.errors())
+        return error_response(422, f"invalid request: {problems}")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):
+        return error_response(e.status_code, str(e.detail), e.headers)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes + 2**16)  # the upload plus its form fields
+    app.add_middleware(Measure, metrics=metrics)
+
+    # --- helpers
+
+    def require_ready() -> Synthesizer:
+        if engine.error:
+            raise ApiError(503, f"the engine failed to load: {engine.error}")
+        if not engine.ready.is_set():
+            raise ApiError(503, "the engine is still loading; retry shortly", {"Retry-After": "5"})
+        return engine.synthesizers[0]
+
+    def content_type(expected: str):
+        def check(request: Request) -> None:
+            got = request.headers.get("content-type", "").split(";")[0].strip()
+            if got != expected:
+                raise ApiError(415, f"content type {got or 'missing'!r}: this endpoint takes {expected}")
+        return Depends(check)
+
+    json_body, multipart_body = content_type("application/json"), content_type("multipart/form-data")
+
+    def check_text(text: str, what: str) -> None:
+        if not text.strip():
+            raise ApiError(400, f"{what} is empty: give the text to speak")
+        if len(text) > config.max_text_chars:
+            raise ApiError(413, f"{what} is {len(text)} characters; the limit is {config.max_text_chars}: split it into several requests")
+
+    async def save_upload(upload: UploadFile, folder: Path) -> Path:
+        if upload.size is not None and upload.size > config.max_upload_bytes:
+            raise ApiError(413, f"{upload.filename}: {upload.size} bytes; uploads are limited to {config.max_upload_bytes} bytes")
+        data = await upload.read()
+        if not data:
+            raise ApiError(400, f"{upload.filename or 'the upload'} is empty: send a WAV or FLAC reference clip")
+        path = folder / (Path(upload.filename or "").name or "upload")
+        path.write_bytes(data)
+        return path
+
+    async def speak(request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig, fmt: str) -> Response:
+        synth = require_ready()
+        utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
+        try:
+            future = queue.submit(utterance.rows, sampling)
+        except QueueFull as e:
+            raise ApiError(429, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+        rendered = await wait_for(future, request, config.request_timeout_s)
+        speech = synth.finish(utterance, rendered, sampling)
+        container, media_type = AUDIO_FORMATS[fmt]
+        body = await run_in_threadpool(audio_bytes, speech.wave, speech.sample_rate, container)
+        return Response(body, media_type=media_type, headers={"X-Audio-Seconds": f"{len(speech.wave) / speech.sample_rate:.3f}",
+                                                              "X-Sample-Rate": str(speech.sample_rate)})
+
+    def sampling_for(speed: float, seed: int | None) -> SamplingConfig:
+        return SamplingConfig(nfe=config.nfe, speed=speed, seed=seed)
+
+    # --- endpoints
+
+    @app.post("/v1/audio/speech", response_class=Response, tags=["speech"], dependencies=[json_body],
+              responses={200: {"content": {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}}}})
+    async def audio_speech(request: Request, body: SpeechRequest):
+        """Speech for `input` in a stored voice; `pcm` is raw 16-bit little-endian mono at 24 kHz."""
+        check_text(body.input, "input")
+        voice, audio = voices.get(body.voice)
+        return await speak(request, body.input, audio, voice.ref_text, sampling_for(body.speed, body.seed), body.response_format)
+
+    @app.post("/v1/synthesize", response_class=Response, tags=["speech"], dependencies=[multipart_body],
+              responses={200: {"content": {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}}}})
+    async def synthesize(request: Request, text: Annotated[str, Form()], ref_audio: Annotated[UploadFile, File()],
+                         ref_text: Annotated[str, Form()], speed: Annotated[float, Form(ge=0.25, le=4.0)] = 1.0,
+                         seed: Annotated[int | None, Form()] = None, response_format: Annotated[ResponseFormat, Form()] = "wav"):
+        """Speech for `text` in the voice of an uploaded reference clip and its transcript."""
+        check_text(text, "text")
+        check_text(ref_text, "ref_text")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = await save_upload(ref_audio, Path(tmp))
+            return await speak(request, text, path, ref_text, sampling_for(speed, seed), response_format)
+
+    @app.get("/v1/voices", tags=["voices"])
+    async def list_voices() -> list[Voice]:
+        return voices.list()
+
+    @app.post("/v1/voices", status_code=201, tags=["voices"], dependencies=[multipart_body])
+    async def add_voice(name: Annotated[str, Form()], audio: Annotated[UploadFile, File()],
+                        ref_text: Annotated[str, Form()]) -> Voice:
+        """Stores a named reference voice (the clip and its transcript) for /v1/audio/speech."""
+        check_text(ref_text, "ref_text")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = await save_upload(audio, Path(tmp))
+            await run_in_threadpool(prepare_reference, path, SamplingConfig().target_rms)  # refuses what cannot be a reference
+            return await run_in_threadpool(voices.add, name, path, ref_text, Path(audio.filename or "").suffix)
+
+    @app.delete("/v1/voices/{name}", status_code=204, tags=["voices"])
+    async def delete_voice(name: str) -> Response:
+        voices.delete(name)
+        return Response(status_code=204)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz():
+        """The process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz():
+        """Ready once the engine is loaded and warmed on every device."""
+        require_ready()
+        spec = read_spec(engine.engine_dir)
+        return {"ready": True, "engine": str(engine.engine_dir), "backend": config.backend or spec.backend,
+                "dtype": spec.dtype, "devices": [s.device for s in engine.synthesizers], "queue_depth": len(queue)}
+
+    @app.get("/metrics", tags=["operations"])
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def wait_for(future, request: Request, timeout_s: float):
+    """The job's result; cancels it (freeing its queue slot) when the client leaves or time runs out."""
+    waiting = asyncio.wrap_future(future)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            future.cancel()
+            raise ApiError(499, "client closed the request")
+        if time.monotonic() >= deadline:
+            future.cancel()
+            raise ApiError(504, f"no result within {timeout_s:g} s; the server is busy, retry later")

@@ -122,9 +122,10 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def code_hash(*modules: ModuleType) -> str:
-    """The stage's code, as part of its key: editing it invalidates what it made."""
-    return stable_hash([inspect.getsource(m) for m in modules])
+def code_hash(*sources: ModuleType | Path) -> str:
+    """The stage's code (modules, or source files that cannot be imported everywhere), as part of
+    its key: editing it invalidates what it made."""
+    return stable_hash([s.read_text() if isinstance(s, Path) else inspect.getsource(s) for s in sources])
 
 
 MANIFEST = "manifest.json"

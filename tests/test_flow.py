@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.build import BuildFailed, build_engine_flow
@@ -180,3 +182,17 @@ def test_compiled_engine_builds_on_cpu_and_passes_its_parity_gate(home, prefect_
     assert (Path(branch.engine) / "compile_cache.bin").stat().st_size > 0
     spec = json.loads((Path(branch.engine) / "engine.json").read_text())
     assert spec["backend"] == "compiled" and spec["build_flags"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="tensorrt_llm is installed here")
+def test_without_tensorrt_llm_the_trtllm_branch_fails_with_the_remediation_and_eager_registers(home, prefect_api):
+    summary = build(synthetic=True, backends=["trtllm", "eager"], dtypes=["fp16"])
+    by_name = {f"{b.backend}-{b.dtype}": b for b in summary.branches}
+    error = by_name["trtllm-fp16"].error
+    assert "TensorRT-LLM" in error and "pip install" in error and "Traceback" not in error
+    assert by_name["eager-fp16"].error is None and by_name["eager-fp16"].engine
+    assert summary.failed and summary.stages["trtllm-fp16/convert_checkpoint"] == "Failed"
+    client = MlflowClient(Settings().tracking_uri)
+    children = client.search_runs([client.get_run(summary.mlflow_run_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}'")
+    assert [r.data.tags["indicf5.backend"] for r in children] == ["eager"]

@@ -9,11 +9,12 @@ from safetensors.torch import load_file
 from indicf5.backends.base import Backend, BackendUnavailable, EngineSpec, read_spec, write_shared_files
 from indicf5.backends.compiled import CompiledBackend
 from indicf5.backends.eager import EagerBackend
+from indicf5.backends.trtllm import TrtllmBackend
 from indicf5.checkpoint import EXPORT_VOCAB, EXPORT_VOCODER, export_transformer, load_export
 from indicf5.config import DType
 from indicf5.errors import InputError
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (EagerBackend, CompiledBackend)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (EagerBackend, CompiledBackend, TrtllmBackend)}
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "EngineSpec", "build_engine", "engine_from_checkpoint", "get_backend", "load_engine", "read_spec"]
 

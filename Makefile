@@ -11,7 +11,15 @@ export INDICF5_HOME ?= $(CURDIR)/artifacts
 ORACLE := f5-tts==1.1.22 x-transformers==2.31.10 einx==0.4.3 einops loguru torch-einops-utils frozendict \
           torchdiffeq jieba==0.42.1 pypinyin
 
-.PHONY: demo test clean
+# Run it for real (README): the servers, and a worker that deploys prefect.yaml and runs builds.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+STACK ?= $(CURDIR)/.stack
+QUIET := set -a && . ops/quiet.env && set +a
+CLIENT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) \
+              INDICF5_REPO=$(CURDIR)
+
+.PHONY: demo test clean prefect-server mlflow-server worker
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +34,28 @@ $(VENV)/.oracle: $(VENV)/.runtime
 demo: $(VENV)/.runtime
 	$(PY) -m indicf5.cli build --synthetic
 
-test: $(VENV)/.oracle
+# headless Chromium for the test that looks at the Prefect UI (Debian's package)
+$(VENV)/.chromium: $(VENV)/.runtime
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+	    || (sudo apt-get update -qq && sudo apt-get install -y -qq chromium)
+	touch $@
+
+test: $(VENV)/.oracle $(VENV)/.chromium
 	$(PY) -m pytest
+
+prefect-server: $(VENV)/.runtime
+	$(QUIET) && $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+mlflow-server: $(VENV)/.runtime
+	mkdir -p $(STACK)
+	$(QUIET) && $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	    --backend-store-uri sqlite:///$(STACK)/mlflow.db --artifacts-destination $(STACK)/mlartifacts
+
+worker: $(VENV)/.runtime
+	$(QUIET) && export $(CLIENT_ENV) && \
+	$(VENV)/bin/prefect work-pool create gpu-builders --type process --overwrite && \
+	$(VENV)/bin/prefect --no-prompt deploy --all && \
+	$(VENV)/bin/prefect worker start --pool gpu-builders
 
 clean:
 	rm -rf $(VENV) artifacts/*/

@@ -3,6 +3,7 @@ batching off (max batch 1) and on, side by side in one run.
 
     python bench/load.py --engine ENGINE_DIR [--requests 64 --concurrency 8 --max-batch 1 8 --device cuda]
     python bench/load.py --synthetic [...]           # builds a small synthetic eager engine first
+    python bench/load.py --synthetic --size indicf5 --backend compiled --dtype fp16 --device cuda   # the H100 record
     python bench/load.py --url http://host:8000 --voice NAME [...]   # an already running server
 
 Each request is POST /v1/audio/speech of one of a few sentences in one voice. A warm-up round
@@ -77,12 +78,34 @@ def add_voice(url: str, audio: Path, text: str, name: str = "load") -> str:
     return name
 
 
+def synthetic_engine(tmp: Path, size: str, backend: str, dtype: str, device: str) -> Path:
+    from safetensors.torch import save_file
+
+    from indicf5.backends import engine_from_checkpoint
+    from indicf5.checkpoint import EXPORT_VOCODER
+    from indicf5.config import ModelConfig
+    from indicf5.synthetic import make_synthetic, random_vocoder
+
+    if size == "small":
+        return engine_from_checkpoint(make_synthetic(tmp / "IndicF5"), tmp / "build", backend, dtype, device)
+    c = ModelConfig()
+    snapshot = make_synthetic(tmp / "IndicF5", dim=c.dim, depth=c.depth, heads=c.heads, text_dim=c.text_dim,
+                              conv_layers=c.conv_layers, ff_mult=c.ff_mult)
+    engine = engine_from_checkpoint(snapshot, tmp / "build", backend, dtype, device)
+    save_file(random_vocoder(0, dim=512, hidden=1536, layers=8), str(engine / EXPORT_VOCODER))  # Vocos' real size
+    return engine
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--engine", type=Path, help="engine directory to serve")
-    target.add_argument("--synthetic", action="store_true", help="build a small synthetic eager engine and serve it")
+    target.add_argument("--synthetic", action="store_true", help="build a synthetic engine (random weights) and serve it")
     target.add_argument("--url", help="a running server")
+    p.add_argument("--size", choices=["small", "indicf5"], default="small",
+                   help="with --synthetic: the tests' small sizes, or IndicF5's dims with a full-size vocoder")
+    p.add_argument("--backend", default="eager", help="with --synthetic")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="with --synthetic")
     p.add_argument("--voice", help="with --url: a voice the server has (default: add the synthetic reference)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
@@ -103,10 +126,7 @@ def main() -> None:
         else:
             engine = args.engine
             if args.synthetic:
-                from indicf5.backends import engine_from_checkpoint
-                from indicf5.synthetic import make_synthetic
-
-                engine = engine_from_checkpoint(make_synthetic(tmp / "IndicF5"), tmp / "build")
+                engine = synthetic_engine(tmp, args.size, args.backend, args.dtype, (args.device or ["cpu"])[0])
             for max_batch in args.max_batch:
                 extra = ["--max-batch", str(max_batch), "--voices-dir", str(tmp / "voices")]
                 for device in args.device or []:
@@ -115,7 +135,7 @@ def main() -> None:
                     voice = add_voice(server.url, ref, REF_TEXT)
                     results[f"max_batch={max_batch}"] = run_load(server.url, voice, args.requests, args.concurrency, args.max_seconds)
 
-    print(f"\n{args.requests} requests, {args.concurrency} clients")
+    print(f"\n{args.requests} requests, {args.concurrency} clients" + (f", {args.size} {args.backend} {args.dtype}" if args.synthetic else ""))
     print(f"{'server':16} {'ok':>4} {'req/s':>7} {'audio s/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rows/batch':>10}  errors")
     for name, r in results.items():
         print(f"{name:16} {r['ok']:>4} {r['rps']:>7.2f} {r['audio_s_per_s']:>9.2f} {r['p50_ms']:>8.0f} {r['p90_ms']:>8.0f} "

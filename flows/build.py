@@ -14,6 +14,8 @@ from itertools import product
 from typing import Any
 
 from prefect import flow
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.states import Completed
 
 from indicf5.benchmark import BenchmarkConfig
 from indicf5.config import DType
@@ -45,14 +47,24 @@ class BuildFailed(Exception):
         super().__init__("; ".join(f"{b.backend}-{b.dtype}: {b.error}" for b in summary.failed))
 
 
-def _run(task, stages: dict[str, str], label: str, *args, **kwargs) -> Any:
-    """Run a task, note its final state (Completed / Cached / Failed) for the summary, return its value."""
-    state = task(*args, return_state=True, **kwargs)
-    stages[label] = state.name
-    if state.is_failed():
-        error = state.result(raise_on_failure=False)
-        raise StageFailed(label, error if isinstance(error, BaseException) else RuntimeError(state.message))
-    return state.result()
+class Stages:
+    """Runs the flow's tasks, noting each final state (Completed / Cached / Failed) for the summary,
+    and shows the build's progress in the UI as a progress artifact."""
+
+    def __init__(self, total: int):
+        self.states: dict[str, str] = {}
+        self.total = total
+        self.progress = create_progress_artifact(0.0, key="build-progress", description="stages finished, of all planned")
+
+    def run(self, task, label: str, *args, **kwargs) -> Any:
+        """The task's value; StageFailed, naming the stage, when it fails."""
+        state = task(*args, return_state=True, **kwargs)
+        self.states[label] = state.name
+        update_progress_artifact(self.progress, min(100.0, 100.0 * len(self.states) / self.total))
+        if state.is_failed():
+            error = state.result(raise_on_failure=False)
+            raise StageFailed(label, error if isinstance(error, BaseException) else RuntimeError(state.message))
+        return state.result()
 
 
 @flow(name="build-engine", log_prints=True)
@@ -82,24 +94,25 @@ def build_engine_flow(
         parity: The parity gate: lengths, steps and relative-L2 thresholds per dtype.
         build_flags: Backend build flags, overriding the backend's defaults.
     """
-    stages: dict[str, str] = {}
+    pairs = list(product(backends, dtypes))
+    stages = Stages(total=int(synthetic) + 4 + 4 * len(pairs) + 1)
     if synthetic:
-        checkpoint = _run(prepare_synthetic, stages, "prepare_synthetic")
-    source = _run(resolve_revision, stages, "resolve_revision", repo_id, revision, checkpoint)
-    snapshot = _run(download_snapshot, stages, "download_snapshot", source)
-    export = _run(export_transformer, stages, "export_transformer", snapshot)
-    environment = _run(check_environment, stages, "check_environment")
+        checkpoint = stages.run(prepare_synthetic, "prepare_synthetic")
+    source = stages.run(resolve_revision, "resolve_revision", repo_id, revision, checkpoint)
+    snapshot = stages.run(download_snapshot, "download_snapshot", source)
+    export = stages.run(export_transformer, "export_transformer", snapshot)
+    environment = stages.run(check_environment, "check_environment")
     bench_config = BenchmarkConfig(lengths=bench_lengths, nfe=nfe)
 
     records: list[BranchRecord] = []
     branches: list[BranchSummary] = []
-    for backend, dtype in product(backends, dtypes):
+    for backend, dtype in pairs:
         name = f"{backend}-{dtype}"
         try:
-            convert = _run(convert_checkpoint, stages, f"{name}/convert_checkpoint", export, backend, dtype)
-            engine = _run(build_engine, stages, f"{name}/build_engine", convert, export, backend, dtype, build_flags, environment)
-            verify = _run(verify_parity, stages, f"{name}/verify_parity", engine, export, parity, environment.device)
-            bench = _run(benchmark, stages, f"{name}/benchmark", engine, bench_config, environment)
+            convert = stages.run(convert_checkpoint, f"{name}/convert_checkpoint", export, backend, dtype)
+            engine = stages.run(build_engine, f"{name}/build_engine", convert, export, backend, dtype, build_flags, environment)
+            verify = stages.run(verify_parity, f"{name}/verify_parity", engine, export, parity, environment.device)
+            bench = stages.run(benchmark, f"{name}/benchmark", engine, bench_config, environment)
         except StageFailed as e:  # the branch fails; the others go on
             branches.append(BranchSummary(backend=backend, dtype=dtype, error=str(e)))
             continue
@@ -108,11 +121,12 @@ def build_engine_flow(
                                       e2e_p50_ms={n: v["e2e_p50_ms"] for n, v in bench.info["summary"].items()}))
 
     failures = {f"{b.backend}-{b.dtype}": b.error for b in branches if b.error}
-    run_id = _run(register, stages, "register", source, environment, snapshot, export, records, failures, nfe)
-    summary = BuildSummary(source=source, stages=stages, branches=branches, mlflow_run_id=run_id,
+    run_id = stages.run(register, "register", source, environment, snapshot, export, records, failures, nfe)
+    summary = BuildSummary(source=source, stages=stages.states, branches=branches, mlflow_run_id=run_id,
                            tracking_uri=Settings().tracking_uri)
+    update_progress_artifact(stages.progress, 100.0)
     publish_summary(summary)
     if summary.failed:
         raise BuildFailed(summary)
-    return summary
+    return Completed(message=f"registered: MLflow run {run_id}", data=summary)
 

@@ -73,6 +73,35 @@ def _build(args) -> int:
     return 1 if summary.failed else 0
 
 
+class FlowFailed(Exception):
+    """A flow run by a command failed inside a stage (exit status 1)."""
+
+
+def _flow_outcome(flow_fn, **params):
+    """The flow's return value; bad input raises InputError (exit 2), other failures FlowFailed."""
+    outcome = flow_fn(**params, return_state=True).result(raise_on_failure=False)
+    if isinstance(outcome, InputError):
+        raise outcome
+    if isinstance(outcome, BaseException):
+        raise FlowFailed(str(outcome))
+    return outcome
+
+
+def _compare(args) -> None:
+    from flows.compare import compare_engines_flow
+
+    comparison = _flow_outcome(compare_engines_flow, repo_id=args.repo_id, revision=args.revision)
+    print(comparison.markdown())
+    print(f"\nMLflow run {comparison.run_id}: comparison.md, comparison.png; alias champion -> version {comparison.champion_version}")
+
+
+def _watch(args) -> None:
+    from flows.watch import watch_revisions_flow
+
+    result = _flow_outcome(watch_revisions_flow, repo_id=args.repo_id, branch=args.branch)
+    print(f"{result.repo_id}@{result.branch} = {result.sha}: {result.action} ({result.detail})")
+
+
 def _serve(args) -> None:
     import uvicorn
 
@@ -143,6 +172,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--parity-nfe", type=int, default=8)
     s.set_defaults(run=_build)
 
+    s = sub.add_parser("compare", help="engines of one revision side by side from MLflow; sets the champion alias")
+    s.add_argument("--repo-id", help="compare the newest build of this repo (default: the newest build of any source)")
+    s.add_argument("--revision", help="commit sha of the builds (default: the newest registered build's)")
+    s.set_defaults(run=_compare)
+
+    s = sub.add_parser("watch", help="trigger the build-engine deployment for a new commit of the watched branch")
+    s.add_argument("--repo-id", default="ai4bharat/IndicF5")
+    s.add_argument("--branch", default="main")
+    s.set_defaults(run=_watch)
+
     s = sub.add_parser("serve", help="HTTP text-to-speech server over a built engine (FastAPI; docs at /docs)")
     s.add_argument("--engine", default="champion",
                    help="engine directory, MLflow engine run id, or alias of the registered model (default champion)")
@@ -170,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as e:
         print(f"indicf5 {args.command}: {e}; pass --force to replace it", file=sys.stderr)
         return 2
+    except FlowFailed as e:
+        print(f"indicf5 {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -66,6 +66,14 @@ def find_build(settings: Settings, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def find_build_of(settings: Settings, repo_id: str, sha: str) -> str | None:
+    """The newest MLflow parent run of a build of `repo_id` at `sha`, if any."""
+    experiment = use_tracking(settings)
+    runs = MlflowClient().search_runs([experiment], f"tags.`{TAG}kind` = 'build' and tags.`{TAG}repo_id` = '{repo_id}' "
+                                      f"and tags.`{TAG}sha` = '{sha}'", order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def _flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in values.items()}
 

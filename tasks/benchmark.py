@@ -6,10 +6,11 @@ from indicf5.benchmark import BenchmarkConfig
 from indicf5.environment import EnvironmentReport
 from indicf5.stages import BENCHMARK
 from indicf5.store import Manifest
-from tasks.common import stage_cache_key, store
+from tasks.common import heartbeat, stage_cache_key, store
 
 
 @task(name="benchmark", cache_key_fn=stage_cache_key(BENCHMARK), persist_result=True)
 def benchmark(engine: Manifest, config: BenchmarkConfig, environment: EnvironmentReport) -> Manifest:
     """Step, loop, vocoder and end-to-end latencies (p50/p95), RTF, peak memory; a sample and plots."""
-    return BENCHMARK.run(store(), engine=engine, config=config, environment=environment)
+    with heartbeat(f"benchmark of {engine.info['spec']['backend']}-{engine.info['spec']['dtype']}"):
+        return BENCHMARK.run(store(), engine=engine, config=config, environment=environment)

@@ -8,7 +8,7 @@ from indicf5.config import DType
 from indicf5.environment import EnvironmentReport
 from indicf5.stages import BUILD
 from indicf5.store import Manifest
-from tasks.common import stage_cache_key, store
+from tasks.common import heartbeat, stage_cache_key, store
 
 
 @task(name="build_engine", task_run_name="build-{backend}-{dtype}", cache_key_fn=stage_cache_key(BUILD), persist_result=True)
@@ -16,4 +16,5 @@ def build_engine(convert: Manifest, export: Manifest, backend: str, dtype: DType
                  environment: EnvironmentReport) -> Manifest:
     """The engine directory (engine.json, vocab, vocoder, the backend's files), written whole or not
     at all, for this machine's device."""
-    return BUILD.run(store(), convert=convert, export=export, backend=backend, dtype=dtype, flags=flags, environment=environment)
+    with heartbeat(f"build {backend}-{dtype}"):
+        return BUILD.run(store(), convert=convert, export=export, backend=backend, dtype=dtype, flags=flags, environment=environment)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import threading
+import time
+from typing import Any, Callable, Iterator
 
+from prefect import get_run_logger
 from prefect.context import TaskRunContext
 from prefect.results import get_result_store
 from prefect.tasks import exponential_backoff
@@ -14,6 +18,29 @@ from indicf5.stages import Stage
 from indicf5.store import ArtifactStore
 
 RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+
+
+HEARTBEAT_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every_s: float = HEARTBEAT_SECONDS) -> Iterator[None]:
+    """While a long stage runs, a log line at a steady cadence (visible in the run's page in the UI)."""
+    logger = get_run_logger()
+    start, done = time.monotonic(), threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            logger.info("%s: still running after %.0f s", what, time.monotonic() - start)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{what}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        logger.info("%s: done in %.1f s", what, time.monotonic() - start)
 
 
 def store() -> ArtifactStore:

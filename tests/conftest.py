@@ -18,6 +18,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+QUIET = dict(line.split("=", 1) for line in (Path(__file__).parents[1] / "ops" / "quiet.env").read_text().splitlines()
+             if line and not line.startswith("#"))
+
 # huggingface_hub and Prefect read these when first imported: set them before any test imports them.
 # The hub is a local server (tests/hub_server.py); Prefect runs its ephemeral API on a private database.
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="indicf5-tests-"))
@@ -27,10 +30,8 @@ os.environ.update({
     "HF_HUB_CACHE": str(_SESSION_TMP / "hf-cache"),
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-    "MLFLOW_ENABLE_TELEMETRY": "false",
+    **QUIET,
 })
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("PREFECT_API_URL", None)

@@ -196,3 +196,44 @@ def test_without_tensorrt_llm_the_trtllm_branch_fails_with_the_remediation_and_e
     children = client.search_runs([client.get_run(summary.mlflow_run_id).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}'")
     assert [r.data.tags["indicf5.backend"] for r in children] == ["eager"]
+
+
+def test_long_stages_log_at_a_steady_cadence(prefect_api):
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from tasks.common import heartbeat
+
+    @task
+    def slow_stage():
+        with heartbeat("slow stage", every_s=0.1):
+            time.sleep(0.55)
+
+    @flow
+    def one_slow_stage():
+        slow_stage()
+
+    state = one_slow_stage(return_state=True)
+    time.sleep(2)  # logs reach the API in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    beats = [log.message for log in logs if log.message.startswith("slow stage: still running")]
+    assert len(beats) >= 3 and any(log.message.startswith("slow stage: done in") for log in logs)
+
+
+def test_compare_from_the_command_line_crowns_the_fastest_engine(home, prefect_api, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from indicf5.cli import main
+    from indicf5.tracking import REGISTERED_MODEL
+
+    assert main(["compare"]) == 2 and "no build" in capsys.readouterr().err  # nothing registered yet
+    summary = build(synthetic=True, dtypes=["fp32", "fp16"])
+    assert main(["compare", "--revision", summary.source.sha]) == 0
+    out = capsys.readouterr().out
+    assert "| eager-fp32 |" in out and "| eager-fp16 |" in out and "speedup @120" in out
+    champion = MlflowClient(Settings().tracking_uri).get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    fastest = min(summary.branches, key=lambda b: b.e2e_p50_ms["120"])
+    assert f"Champion: **{fastest.backend}-{fastest.dtype}**" in out
+    assert MlflowClient(Settings().tracking_uri).get_run(champion.run_id).data.tags["indicf5.dtype"] == fastest.dtype

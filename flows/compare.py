@@ -1,0 +1,22 @@
+"""The `compare-engines` flow: one revision's engines side by side, and the champion alias."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from indicf5.compare import Comparison
+from indicf5.hub import DEFAULT_REPO
+from tasks.compare import compare_engines, record_comparison
+
+
+@flow(name="compare-engines", log_prints=True)
+def compare_engines_flow(repo_id: str | None = DEFAULT_REPO, revision: str | None = None) -> Comparison:
+    """Compare the engines built from one revision and crown the fastest that passed parity.
+
+    Args:
+        repo_id: Repo whose newest build to compare when no revision is given (none: any source's).
+        revision: Commit sha of the builds to compare.
+    """
+    comparison = record_comparison(compare_engines(repo_id, revision))
+    print(comparison.markdown())
+    return comparison

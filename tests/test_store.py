@@ -84,3 +84,16 @@ def test_two_builders_of_one_key_do_not_corrupt_each_other(tmp_path):
     assert store.load("build", key) is not None
     assert all(key in r for r in results)
     assert [p.name for p in (tmp_path / "build").iterdir()] == [key]  # no leftovers
+
+
+@pytest.mark.parametrize("name", ["eager", "compiled", "trtllm"])
+def test_a_backend_keys_its_artifacts_on_its_own_code(name):
+    """Editing a backend's module must invalidate the engines it built (its source is in the key)."""
+    import inspect
+
+    from indicf5.backends import get_backend
+
+    backend = get_backend(name)
+    sources = {Path(m) if isinstance(m, Path) else Path(inspect.getfile(m)) for m in backend.modules}
+    assert Path(inspect.getfile(type(backend))) in sources
+    assert all(path.is_file() for path in sources)

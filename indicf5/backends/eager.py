@@ -23,7 +23,7 @@ WEIGHTS = "model.safetensors"
 
 class EagerBackend(Backend):
     name = "eager"
-    modules = (model, checkpoint, base)
+    modules = (model, checkpoint, base, Path(__file__))
     engine_files = (WEIGHTS,)
 
     def convert(self, export_dir: Path, dtype: DType, out: Path) -> dict:

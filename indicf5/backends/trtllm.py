@@ -32,7 +32,7 @@ TRTLLM_SOURCES = tuple(sorted((Path(__file__).parents[1] / "trtllm").glob("*.py"
 
 class TrtllmBackend(Backend):
     name = "trtllm"
-    modules = (model, checkpoint, base, *TRTLLM_SOURCES)
+    modules = (model, checkpoint, base, Path(__file__), *TRTLLM_SOURCES)
     engine_files = ("rank0.engine", "config.json", TEXT_WEIGHTS)
 
     def unavailable(self) -> str | None:

@@ -2,18 +2,23 @@
 classifier-free guidance, text of 300 tokens, total lengths 1000 and 2000 frames.
 
     python bench/engine_bench.py [--small] [--out results.json]
+    python bench/engine_bench.py --compiled fp16 bf16 bf16,precision=pure --load-test fp16 bf16
+    python bench/engine_bench.py --skip-eager --buckets 1024 2048 --profile --compiled fp16 fp16,conv=cudnn
 
-Rows: the fp32 eager reference, eager fp16, the compiled engine (fp16, bf16) with and without the
-CUDA graph of the loop; the vocoder alone; end to end (loop + vocoder). For each: p50 ms, achieved
+Rows: the fp32 eager reference, eager fp16, the compiled engines (any build flags, e.g. bf16 in
+mixed and pure precision) with and without the CUDA graph of the loop; the vocoder alone; end to end (loop + vocoder). For each: p50 ms, achieved
 TFLOP/s of the loop against the bf16 matmul rate measured first, peak memory, relL2 of the mel
 against the fp32 reference. Also the load time of a saved compiled engine in a fresh process
-(a new compiler cache directory, so nothing but the engine's own artifacts can help it).
+(a new compiler cache directory, so nothing but the engine's own artifacts can help it), and the
+error floor of each low precision: the fp32 network with its weights rounded to fp16 / bf16 (what
+any engine of that dtype inherits from its weights alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,10 +32,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indicf5.backends.base import EngineSpec  # noqa: E402
-from indicf5.backends.compiled import CompiledBackend  # noqa: E402
+from indicf5.backends.compiled import CompiledBackend, bucket_for  # noqa: E402
 from indicf5.config import TORCH_DTYPES, ModelConfig  # noqa: E402
 from indicf5.model import DiT  # noqa: E402
-from indicf5.sampler import sample  # noqa: E402
+from indicf5.sampler import sample, state_dtype  # noqa: E402
 from indicf5.synthetic import random_transformer  # noqa: E402
 from indicf5.vocoder import build_vocos  # noqa: E402
 
@@ -81,8 +86,9 @@ def reset_peak(device):
 
 
 LOAD_SCRIPT = """
-import sys, time, torch
+import logging, sys, time, torch
 from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(message)s")
 from torch._dynamo.utils import counters
 from indicf5.backends.base import read_spec
 from indicf5.backends.compiled import COMPILE_CACHE, CompiledBackend, warm_up
@@ -93,7 +99,7 @@ torch.compiler.load_cache_artifacts((engine_dir / COMPILE_CACHE).read_bytes())
 t1 = time.perf_counter()
 engine = CompiledBackend().engine(engine_dir / "model.safetensors", spec, device)
 with torch.inference_mode():
-    warm_up(engine, spec)
+    warm_up(engine)
     t2 = time.perf_counter()
     engine.capture()
 t3 = time.perf_counter()
@@ -103,14 +109,45 @@ print(f"LOAD_SECONDS {t3 - start:.2f}")
 """
 
 
+def parse_variant(variant: str) -> tuple[str, dict]:
+    """'fp16,attention=flex,compile=blocks' -> ('fp16', {'attention': 'flex', 'compile': 'blocks'})."""
+    dtype, *pairs = variant.split(",")
+    flags = dict(pair.split("=", 1) for pair in pairs)
+    return dtype, {k: json.loads(v) if v in ("true", "false") or v.isdigit() else v for k, v in flags.items()}
+
+
+def profile_step(engine, n: int, device: str, top: int = 14) -> None:
+    """GPU kernel time of one guided step (no graph), by kernel, summed over 5 steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    args = engine.example_inputs(2, bucket_for(n, engine.buckets))
+    for _ in range(3):
+        engine.step(*args)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine.step(*args)
+        sync(device)
+    kernels = [(e.key, e.self_device_time_total / 5e3, e.count // 5) for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    kernels.sort(key=lambda k: -k[1])
+    total = sum(ms for _, ms, _ in kernels)
+    print(f"  profile {n} frames: GPU kernel time {total:.3f} ms/step in {sum(c for *_, c in kernels)} kernels", flush=True)
+    for name, ms, count in kernels[:top]:
+        print(f"    {ms:7.3f} ms {100 * ms / total:5.1f}%  x{count:<4} {name[:110]}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="tiny dimensions (a CPU smoke run)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--nfe", type=int, default=32)
     ap.add_argument("--text-tokens", type=int, default=300)
-    ap.add_argument("--compiled", nargs="+", default=["fp16-sdpa", "bf16-sdpa"], help="compiled engines: DTYPE-ATTENTION")
-    ap.add_argument("--load-test", nargs="*", default=["fp16-sdpa"], help="variants whose saved engine is loaded in a fresh process")
+    ap.add_argument("--compiled", nargs="+", default=["fp16", "bf16"],
+                    help="compiled engines: DTYPE[,FLAG=VALUE...] over the backend's default build flags, e.g. fp16,attention=flex")
+    ap.add_argument("--load-test", nargs="*", default=["fp16"], help="variants whose saved engine is loaded in a fresh process")
+    ap.add_argument("--buckets", type=int, nargs="+", help="the compiled engines' length buckets (default: the backend's)")
+    ap.add_argument("--profile", action="store_true", help="a GPU kernel breakdown of one step of each compiled engine")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--skip-eager", action="store_true", help="compiled engines only")
     ap.add_argument("--no-vocoder", dest="vocoder", action="store_false")
@@ -135,13 +172,14 @@ def main() -> None:
         ref_frames = n // 3
         inputs[n] = (torch.randn(1, ref_frames, config.mel_dim, generator=g).to(device),
                      torch.randint(0, config.text_num_embeds, (1, min(args.text_tokens, n - ref_frames - 1)), generator=g).to(device))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     vocoder = build_vocos().to(device).eval() if not args.small else build_vocos(64, 192, 2).to(device).eval()
     reference: dict[int, torch.Tensor] = {}
 
     def run_row(label: str, model, dtype: str):
         for n in args.lengths:
             cond, text = inputs[n]
-            run = lambda: sample(model, cond, text, [n], nfe=args.nfe, seed=0, dtype=TORCH_DTYPES[dtype])  # noqa: E731
+            run = lambda: sample(model, cond, text, [n], nfe=args.nfe, seed=0, dtype=state_dtype(model, TORCH_DTYPES[dtype]))  # noqa: E731
             reset_peak(device)
             mel = run()
             loop_ms = timed(run, device, repeats=3 if label.startswith("eager fp32") else 5)
@@ -162,17 +200,32 @@ def main() -> None:
     if not args.skip_eager:
         run_row("eager fp32 (reference)", dit("fp32"), "fp32")
         run_row("eager fp16", dit("fp16"), "fp16")
+    else:  # the reference's output alone, for the error columns
+        for n in args.lengths:
+            reference[n] = sample(dit("fp32"), *inputs[n], [n], nfe=args.nfe, seed=0)
+    for low in ("fp16", "bf16"):
+        rounded = dit("fp32")
+        rounded.load_state_dict({k: v.to(TORCH_DTYPES[low]).float() for k, v in state.items()})
+        for n in args.lengths:
+            rel = float((sample(rounded, *inputs[n], [n], nfe=args.nfe, seed=0).double() - reference[n].double()).norm()
+                        / reference[n].double().norm())
+            results["rows"].append({"engine": f"fp32 math, {low}-rounded weights", "frames": n, "rel_l2_vs_fp32": rel})
+            print(f"{'fp32 math, ' + low + '-rounded weights':32} {n:5} frames: relL2 {rel:.2e} (the {low} weight floor)", flush=True)
+        del rounded
 
     backend = CompiledBackend()
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in args.compiled:
-            dtype, attention = variant.split("-")
-            weights = Path(tmp) / f"weights-{variant}"
+        for i, variant in enumerate(args.compiled):
+            torch._dynamo.reset()  # each engine compiles from scratch, and none fills another's recompile budget
+            dtype, flags = parse_variant(variant)
+            if args.buckets:
+                flags["buckets"] = args.buckets
+            weights = Path(tmp) / f"weights-{i}"
             weights.mkdir()
             save_file({k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in state.items()}, str(weights / "model.safetensors"))
             spec = EngineSpec(backend="compiled", dtype=dtype, model=config,
-                              build_flags={**backend.default_flags(), "attention": attention, "device": device})
-            engine_dir = Path(tmp) / f"engine-{variant}"
+                              build_flags={**backend.default_flags(), **flags, "device": device})
+            engine_dir = Path(tmp) / f"engine-{i}"
             engine_dir.mkdir()
             start = time.perf_counter()
             try:
@@ -183,16 +236,22 @@ def main() -> None:
             (engine_dir / "engine.json").write_text(spec.model_dump_json())
             print(f"compiled {variant}: build {time.perf_counter() - start:.0f} s ({info})", flush=True)
             engine = backend.engine(engine_dir / "model.safetensors", spec, device)
-            if variant == args.compiled[0]:
+            if args.profile and device == "cuda":
+                with torch.inference_mode():
+                    for n in args.lengths:
+                        try:
+                            profile_step(engine, n, device)
+                        except Exception as e:  # a profiler hiccup must not cost the timings
+                            print(f"  profile {n} frames FAILED: {type(e).__name__}: {e}", flush=True)
+            if device == "cuda":
                 engine.cuda_graphs = False
                 run_row(f"compiled {variant} no graph", engine, dtype)
-            if device == "cuda":
-                engine.cuda_graphs, engine.pool = True, torch.cuda.graph_pool_handle()
-                run_row(f"compiled {variant} + graph", engine, dtype)
+                engine.cuda_graphs = True
+            run_row(f"compiled {variant}" + (" + graph" if device == "cuda" else ""), engine, dtype)
             del engine
             if variant not in args.load_test:
                 continue
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"fresh-cache-{variant}"),
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"fresh-cache-{i}"),
                        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
             done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(engine_dir), device], capture_output=True, text=True, env=env)
             print(done.stdout, flush=True)

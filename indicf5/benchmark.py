@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from indicf5.config import TORCH_DTYPES, DType, MelConfig
 from indicf5.parity import seeded_inputs
-from indicf5.sampler import FlowModel, GuidedVelocity, sample
+from indicf5.sampler import FlowModel, GuidedVelocity, sample, state_dtype
 from indicf5.vocoder import decode
 
 
@@ -71,7 +71,7 @@ def _timed(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> 
 @torch.inference_mode()
 def benchmark_engine(engine: FlowModel, vocoder: torch.nn.Module, dtype: DType, vocab_size: int, device: str,
                      config: BenchmarkConfig = BenchmarkConfig(), mel: MelConfig = MelConfig()) -> BenchmarkReport:
-    torch_dtype = TORCH_DTYPES[dtype]
+    torch_dtype = state_dtype(engine, TORCH_DTYPES[dtype])
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     results = []

@@ -4,7 +4,8 @@ One forward pass predicts the flow (velocity) of the mel frames at time t:
 
     text ids ─TextEmbedding─> text_emb (b, n, text_dim)      computed once per utterance
     x (noisy mel), cond (reference mel, zero past it), text_emb
-        ─InputEmbedding─> h (b, n, dim)  ─ depth × DiTBlock(h, t_emb, rope) ─> AdaLN ─> proj ─> (b, n, mel)
+        ─InputEmbedding─> h (b, n, dim)  ─ depth × DiTBlock(h, modulation, rope) ─> AdaLN ─> proj ─> (b, n, mel)
+    t ─TimestepEmbedding─> t_emb ─> each block's AdaLN modulation          `condition`: t alone
 
 Parameter names follow upstream's state dict exactly (``time_embed.time_mlp.0``, ``ff.ff.0.0`` ...)
 so IndicF5's checkpoint loads as it is. Classifier-free guidance is not the model's business: the
@@ -58,6 +59,12 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     pairs = x.float().unflatten(-1, (-1, 2))
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
     return (x.float() * angles.cos() + rotated * angles.sin()).to(x.dtype)
+
+
+def rotate_first_head(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions on the first head of q and k (b, n, h, dh); rope (n, dh) angles."""
+    angles = rope[:, None, :]  # (n, 1, dh): the same for every head it is applied to
+    return tuple(torch.cat((apply_rope(t[:, :, :1], angles), t[:, :, 1:]), dim=2) for t in (q, k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,17 +168,20 @@ class TimestepEmbedding(nn.Module):
 # transformer
 
 
+def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine weights) modulated by the time: x (b, n, d); shift, scale (b, d)."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
 class AdaLayerNormZero(nn.Module):
-    """LayerNorm modulated by the time embedding; also yields the gates and the MLP's shift/scale."""
+    """The time embedding -> a block's modulation: shift, scale and gate for attention, then for the MLP."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, dim * 6)
 
-    def forward(self, x, t_emb):
-        shift, scale, gate, shift_ff, scale_ff, gate_ff = self.linear(F.silu(t_emb)).chunk(6, dim=-1)
-        h = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
-        return h, gate, shift_ff, scale_ff, gate_ff
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:  # (b, d) -> (b, 6, d)
+        return self.linear(F.silu(t_emb)).unflatten(-1, (6, -1))
 
 
 class AdaLayerNormFinal(nn.Module):
@@ -179,9 +189,8 @@ class AdaLayerNormFinal(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, dim * 2)
 
-    def forward(self, x, t_emb):
-        scale, shift = self.linear(F.silu(t_emb)).chunk(2, dim=-1)  # note: scale first, unlike above
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:  # (b, d) -> (b, 2, d): scale, then shift (unlike above)
+        return self.linear(F.silu(t_emb)).unflatten(-1, (2, -1))
 
 
 def sdpa_attend(q, k, v, mask=None):
@@ -209,9 +218,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.project(x) if self.project is not None else (self.to_q(x), self.to_k(x), self.to_v(x))
         q, k, v = (t.view(b, n, self.heads, self.dim_head) for t in qkv)
-        angles = rope[:, None, :]  # (n, 1, dh): the same for every head it is applied to
-        q = torch.cat((apply_rope(q[:, :, :1], angles), q[:, :, 1:]), dim=2)  # (b, n, h, dh)
-        k = torch.cat((apply_rope(k[:, :, :1], angles), k[:, :, 1:]), dim=2)
+        q, k = rotate_first_head(q, k, rope)  # (b, n, h, dh)
         h = self.to_out[0](self.attend(q, k, v, mask).reshape(b, n, -1))
         return h if mask is None else h.masked_fill(~mask[..., None], 0.0)
 
@@ -233,11 +240,10 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, heads, dim_head)
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(self, x, t_emb, rope, mask=None):
-        h, gate, shift_ff, scale_ff, gate_ff = self.attn_norm(x, t_emb)
-        x = x + gate[:, None] * self.attn(h, rope, mask)
-        h = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale_ff[:, None]) + shift_ff[:, None]
-        return x + gate_ff[:, None] * self.ff(h)
+    def forward(self, x, modulation, rope, mask=None):  # modulation (b, 6, d): self.attn_norm(t_emb)
+        shift, scale, gate, shift_ff, scale_ff, gate_ff = modulation.unbind(1)
+        x = x + gate[:, None] * self.attn(modulated_norm(x, shift, scale), rope, mask)
+        return x + gate_ff[:, None] * self.ff(modulated_norm(x, shift_ff, scale_ff))
 
 
 class DiT(nn.Module):
@@ -257,6 +263,22 @@ class DiT(nn.Module):
         """(b, nt) ids -> (b, seq_len, text_dim). Constant over the ODE steps: compute it once."""
         return self.text_embed(text, seq_len)
 
+    def condition(self, time: torch.Tensor) -> list[torch.Tensor]:
+        """All the step needs of the time: each block's (b, 6, d) modulation, then the final
+        norm's (b, 2, d). It depends on t alone, so an engine may compute it for a whole time grid
+        at once (rows = steps) and hand `flow` one step's rows."""
+        t_emb = self.time_embed(time)
+        return [block.attn_norm(t_emb) for block in self.transformer_blocks] + [self.norm_out(t_emb)]
+
+    def flow(self, x, cond, text_emb, condition: list[torch.Tensor], mask=None) -> torch.Tensor:
+        """The step over the frames, given `condition(time)` (rows of 1 broadcast over the batch)."""
+        h = self.input_embed(x, cond, text_emb, mask)
+        rope = rope_angles(x.shape[1], self.rotary_embed.inv_freq)
+        for block, modulation in zip(self.transformer_blocks, condition):
+            h = block(h, modulation, rope, mask)
+        scale, shift = condition[-1].unbind(1)
+        return self.proj_out(modulated_norm(h, shift, scale))
+
     def forward(
         self,
         x: torch.Tensor,  # (b, n, mel) noisy mel at time t
@@ -265,10 +287,4 @@ class DiT(nn.Module):
         time: torch.Tensor,  # (b,) or () flow time in [0, 1]
         mask: torch.Tensor | None = None,  # (b, n) True on real frames, for batches of mixed length
     ) -> torch.Tensor:
-        b, n, _ = x.shape
-        t_emb = self.time_embed(time.expand(b) if time.ndim == 0 else time)
-        h = self.input_embed(x, cond, text_emb, mask)
-        rope = rope_angles(n, self.rotary_embed.inv_freq)
-        for block in self.transformer_blocks:
-            h = block(h, t_emb, rope, mask)
-        return self.proj_out(self.norm_out(h, t_emb))
+        return self.flow(x, cond, text_emb, self.condition(time.expand(x.shape[0]) if time.ndim == 0 else time), mask)

@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from indicf5.config import TORCH_DTYPES, DType
-from indicf5.sampler import FlowModel, GuidedVelocity, sample
+from indicf5.sampler import FlowModel, GuidedVelocity, sample, state_dtype
 
 
 class ParityConfig(BaseModel):
@@ -68,13 +68,14 @@ def seeded_inputs(n: int, vocab_size: int, n_mels: int, seed: int):
 def check_parity(reference: FlowModel, engine: FlowModel, dtype: DType, vocab_size: int, device: str,
                  config: ParityConfig = ParityConfig(), n_mels: int = 100) -> ParityReport:
     errors = {}
+    state = state_dtype(engine, TORCH_DTYPES[dtype])
     for n in config.lengths:
         cond, text, x = (t.to(device) for t in seeded_inputs(n, vocab_size, n_mels, config.seed))
         full_cond = torch.nn.functional.pad(cond, (0, 0, 0, n - cond.shape[1]))
         t = torch.tensor(0.5, device=device)
         want_v = GuidedVelocity.prepare(reference, full_cond, text, 2.0, [n])(x, t)
-        got_v = GuidedVelocity.prepare(engine, full_cond.to(TORCH_DTYPES[dtype]), text, 2.0, [n])(x.to(TORCH_DTYPES[dtype]), t)
+        got_v = GuidedVelocity.prepare(engine, full_cond.to(state), text, 2.0, [n])(x.to(state), t)
         want_mel = sample(reference, cond, text, [n], nfe=config.nfe, seed=config.seed)
-        got_mel = sample(engine, cond, text, [n], nfe=config.nfe, seed=config.seed, dtype=TORCH_DTYPES[dtype])
+        got_mel = sample(engine, cond, text, [n], nfe=config.nfe, seed=config.seed, dtype=state)
         errors[str(n)] = {"velocity": compare(got_v, want_v), "mel": compare(got_mel, want_mel)}
     return ParityReport(dtype=dtype, threshold=config.thresholds[dtype], errors=errors)

@@ -23,11 +23,18 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class FlowModel(Protocol):
     """What the sampler needs of a transformer: the reference DiT, or an engine built from it.
-    An engine may also offer ``integrate(velocity, x0, t, on_step)``, its own run of `euler`."""
+    An engine may also offer ``integrate(velocity, x0, t, on_step)``, its own run of `euler`, and
+    ``state_dtype``, the dtype it wants the ODE state in (see `state_dtype`)."""
 
     def embed_text(self, text: torch.Tensor, seq_len: int) -> torch.Tensor: ...
 
     def __call__(self, x, cond, text_emb, time, mask=None) -> torch.Tensor: ...
+
+
+def state_dtype(model: FlowModel, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to keep the ODE state in: the engine's choice (its `state_dtype`), else the
+    dtype it computes in."""
+    return getattr(model, "state_dtype", dtype)
 
 
 def time_grid(nfe: int, sway_coef: float | None, device=None) -> torch.Tensor:

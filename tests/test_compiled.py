@@ -45,3 +45,53 @@ def test_build_saves_compiler_artifacts_and_loads(tmp_path, checkpoint):
     reference = build_model(checkpoint)
     cond, text = torch.randn(1, 30, 100), torch.randint(0, 100, (1, 20))
     assert rel_l2(sample(engine, cond, text, [100], nfe=2, seed=0), sample(reference, cond, text, [100], nfe=2, seed=0)) <= 1e-5
+
+
+def test_mixed_precision_bf16_keeps_closer_to_fp32_than_pure_bf16(checkpoint):
+    reference = build_model(checkpoint)
+    cond, text = torch.randn(1, 60, 100), torch.randint(0, 100, (1, 50))
+    want = sample(reference, cond, text, [200], nfe=8, seed=0)
+    pure = sample(build_model(checkpoint, "cpu", torch.bfloat16), cond, text, [200], nfe=8, seed=0, dtype=torch.bfloat16)
+    errors = {}
+    for precision in ("pure", "mixed"):
+        engine = CompiledEngine(build_model(checkpoint, "cpu", torch.bfloat16), buckets=(256,), precision=precision)
+        got = sample(engine, cond, text, [200], nfe=8, seed=0, dtype=engine.state_dtype)
+        assert torch.isfinite(got).all()
+        errors[precision] = rel_l2(got, want)
+    # the fp32 ODE state alone helps; fp32 between the matmuls helps most
+    assert errors["mixed"] < errors["pure"] < rel_l2(pure, want), (errors, rel_l2(pure, want))
+    assert errors["mixed"] < 0.5 * rel_l2(pure, want)
+
+
+TRITON_CONV_CHECK = """
+import sys, torch
+from indicf5.backends.compiled import TritonConvPositionEmbedding
+from indicf5.model import ConvPositionEmbedding
+torch.manual_seed(0)
+reference = ConvPositionEmbedding(128).eval()
+x = torch.randn(2, 150, 128)
+mask = torch.arange(150)[None] < torch.tensor([150, 97])[:, None]  # a full row and a padded one
+with torch.no_grad():
+    want = reference(x, mask)
+    for dtype in (torch.float32, torch.float16):
+        got = TritonConvPositionEmbedding(reference, dtype)(x.to(dtype), mask).float()
+        print(str(dtype), float((got - want).norm() / want.norm()))
+"""
+
+
+def test_the_triton_position_convolution_computes_the_reference():
+    """conv_kernel.py's kernel, run by Triton's interpreter on the CPU, as the engine calls it."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TRITON_CONV_CHECK], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = dict(line.split() for line in done.stdout.splitlines())
+    assert float(errors["torch.float32"]) <= 1e-5 and float(errors["torch.float16"]) <= 2e-3, errors
+
+
+def test_the_triton_convolution_needs_cuda(checkpoint):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        CompiledEngine(build_model(checkpoint), buckets=(128,), conv="triton")

@@ -12,9 +12,22 @@ compiling from scratch), ``engine.json``. Why this and not AOTInductor: the same
 also runs the CPU path in CI, and Dynamo's dynamic sequence length keeps one artifact for every
 bucket; CUDA graphs (captured here, per bucket) remove the launch gaps either way.
 
-Attention is SDPA with a key-padding mask (on an H100 as fast as flash attention in its
-variable-length form, measured: docs/performance.md), or cuDNN's fused attention (flag
-``attention: cudnn``); q, k, v come from one fused matmul.
+What is compiled is one transformer block, reused by all 22 (regional compilation: the blocks
+share their code, their weights are inputs), and the input embedding. On an H100 this runs as
+fast as compiling the whole step as one graph, and builds in 13-25 s instead of 118 s and loads
+in half the time (docs/performance.md). On top of what Inductor fuses:
+- the time conditioning (the timestep MLP and every block's AdaLN modulation: all the step needs
+  of t) is computed for the whole time grid once before the loop, one small matmul per layer
+  instead of a weight-bound matrix-vector product per layer and step;
+- q, k and v come from one matmul; the feed-forward's tanh-GELU runs in its GEMM's epilogue;
+- attention is SDPA with a key-padding mask (cuDNN's sm90 kernel on an H100);
+- the position convolutions (flag ``conv``): on CUDA with fp16/bf16 weights (``auto``), one fused
+  Triton kernel each (conv_kernel.py); otherwise cuDNN on channels-last data (``cudnn``).
+
+Precision (flag ``precision``): the ODE state (x, the Euler updates) is always fp32. ``pure`` runs
+the whole step in the engine's dtype; ``mixed`` keeps the residual stream, norms and modulation in
+fp32 and runs the matmuls, attention and convolutions in the engine's dtype (bf16's 8-bit mantissa
+otherwise rounds the residual stream at every block). ``auto`` is mixed for bf16, pure otherwise.
 """
 
 from __future__ import annotations
@@ -30,14 +43,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from indicf5 import checkpoint, model
 from indicf5.backends import base
 from indicf5.backends.base import Backend, EngineSpec
 from indicf5.backends.eager import WEIGHTS, EagerBackend
 from indicf5.config import TORCH_DTYPES
-from indicf5.model import DiT, sdpa_attend
+from indicf5.model import DiT
 from indicf5.sampler import GuidedVelocity
 
 log = logging.getLogger(__name__)
@@ -53,40 +65,63 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
     return buckets[i]
 
 
-def cudnn_attend(q, k, v, mask=None):
-    """model.sdpa_attend through cuDNN's fused attention (Hopper), the padding as an additive bias."""
-    bias = None if mask is None else torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))[:, None, None, :]
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
-    return h.transpose(1, 2)
+class CastLinear(nn.Module):
+    """A linear layer whose matmul runs in its weights' dtype whatever its input's: the input is cast
+    down, and the output back up unless the next consumer is a matmul too (`upcast` False: its
+    values are the low dtype's either way, so only the traffic would change)."""
 
-
-ATTENTION = {"sdpa": sdpa_attend, "cudnn": cudnn_attend}
-
-
-class FusedQKV(nn.Module):
-    """q, k and v from one matmul of the three weights stacked: one larger GEMM instead of three."""
-
-    def __init__(self, attn: model.Attention):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, upcast: bool = True):
         super().__init__()
-        self.register_buffer("weight", torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)).detach())
-        self.register_buffer("bias", torch.cat((attn.to_q.bias, attn.to_k.bias, attn.to_v.bias)).detach())
+        self.register_buffer("weight", weight.detach().to(dtype))
+        self.register_buffer("bias", bias.detach().to(dtype))
+        self.upcast = upcast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return y.to(x.dtype) if self.upcast else y
+
+
+class FusedQKV(CastLinear):
+    """q, k and v from one matmul of the three weights stacked: one larger GEMM instead of three;
+    they stay in the matmul's dtype (attention consumes them in it)."""
+
+    def __init__(self, attn: model.Attention, dtype: torch.dtype):
+        super().__init__(torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)),
+                         torch.cat((attn.to_q.bias, attn.to_k.bias, attn.to_v.bias)), dtype, upcast=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return F.linear(x, self.weight, self.bias).chunk(3, dim=-1)
+        return super().forward(x).chunk(3, dim=-1)
+
+
+class GeluLinear(CastLinear):
+    """The feed-forward's first linear with its tanh-GELU in the GEMM's epilogue (cuBLASLt's GELU
+    epilogue is the tanh form): one kernel instead of a GEMM and an element-wise pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._addmm_activation(self.bias, x.to(self.weight.dtype).flatten(0, -2), self.weight.t(), use_gelu=True)
+        return y.unflatten(0, x.shape[:-1])
+
+
+def matmuls_in(dit: DiT, dtype: torch.dtype) -> None:
+    """Every linear layer of the step (all but the text embedding's) replaced by a CastLinear in `dtype`."""
+    low = {name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear) and not name.startswith("text_embed.")}
+    for name, linear in low.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(dit.get_submodule(parent), attr, CastLinear(linear.weight, linear.bias, dtype))
 
 
 class ChannelsLastConvPositionEmbedding(nn.Module):
     """The position convolutions on (b, n, d) data without transposing it: viewed as a
     (b, d, 1, n) image it is already channels-last, which cuDNN convolves as it is."""
 
-    def __init__(self, reference: model.ConvPositionEmbedding):
+    def __init__(self, reference: model.ConvPositionEmbedding, dtype: torch.dtype):
         super().__init__()
         convs = [m for m in reference.conv1d if isinstance(m, nn.Conv1d)]
         self.groups, self.padding = convs[0].groups, convs[0].padding[0]
         for i, conv in enumerate(convs):
-            self.register_buffer(f"weight{i}", conv.weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last))
-            self.register_buffer(f"bias{i}", conv.bias.detach().clone())
+            weight = conv.weight.detach().to(dtype).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+            self.register_buffer(f"weight{i}", weight)
+            self.register_buffer(f"bias{i}", conv.bias.detach().to(dtype))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         h = x.transpose(1, 2).unsqueeze(2)  # (b, d, 1, n), a view: channels-last memory
@@ -94,10 +129,32 @@ class ChannelsLastConvPositionEmbedding(nn.Module):
         for i in range(2):
             if keep is not None:
                 h = h.masked_fill(~keep, 0.0)
-            h = F.mish(F.conv2d(h, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), padding=(0, self.padding), groups=self.groups))
+            conv = F.conv2d(h.to(self.weight0.dtype), getattr(self, f"weight{i}"), getattr(self, f"bias{i}"),
+                            padding=(0, self.padding), groups=self.groups)
+            h = F.mish(conv.to(x.dtype))
         if keep is not None:
             h = h.masked_fill(~keep, 0.0)
         return h.squeeze(2).transpose(1, 2)
+
+
+class TritonConvPositionEmbedding(nn.Module):
+    """The position convolutions as two launches of one Triton kernel (conv_kernel.py): the
+    padding mask, the bias and Mish fused; CUDA only."""
+
+    def __init__(self, reference: model.ConvPositionEmbedding, dtype: torch.dtype):
+        super().__init__()
+        from indicf5.backends.conv_kernel import arrange_weight
+
+        convs = [m for m in reference.conv1d if isinstance(m, nn.Conv1d)]
+        for i, conv in enumerate(convs):
+            self.register_buffer(f"weight{i}", arrange_weight(conv.weight.detach(), conv.groups).to(dtype))
+            self.register_buffer(f"bias{i}", conv.bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        from indicf5.backends.conv_kernel import conv_mish
+
+        lengths = row_lengths(mask, x.shape[0], x.shape[1], x.device).to(torch.int32)
+        return conv_mish(conv_mish(x, self.weight0, self.bias0, lengths), self.weight1, self.bias1, lengths)
 
 
 def row_lengths(mask: torch.Tensor | None, b: int, n: int, device) -> torch.Tensor:
@@ -124,22 +181,45 @@ class CompiledEngine(nn.Module):
     """A FlowModel (see sampler.py) whose steps run compiled, padded to buckets, and whose ODE loop
     (`integrate`) replays a CUDA graph on CUDA."""
 
-    def __init__(self, dit: DiT, buckets: tuple[int, ...] = BUCKETS, cuda_graphs: bool = True, attention: str = "sdpa"):
+    state_dtype = torch.float32  # the ODE state, whatever the engine computes in (see sampler.state_dtype)
+
+    def __init__(self, dit: DiT, buckets: tuple[int, ...] = BUCKETS, cuda_graphs: bool = True, precision: str = "pure",
+                 conv: str = "auto"):
         super().__init__()
-        device = dit.proj_out.weight.device
+        device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
+        if precision == "mixed":
+            dit.float()  # the low-precision copies below are made from it exactly (its values are `dtype`'s)
         self.dit, self.buckets = dit, tuple(buckets)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         for block in dit.transformer_blocks:
-            block.attn.project = FusedQKV(block.attn)
-            block.attn.attend = ATTENTION[attention]
-        dit.input_embed.conv_pos_embed = ChannelsLastConvPositionEmbedding(dit.input_embed.conv_pos_embed).to(device)
-        self.step = torch.compile(self._masked_step, dynamic=True)
+            block.attn.project = FusedQKV(block.attn, dtype)
+            del block.attn.to_q, block.attn.to_k, block.attn.to_v
+            first = block.ff.ff[0][0]
+            block.ff.ff[0] = GeluLinear(first.weight, first.bias, dtype, upcast=False)  # GELU's output feeds a matmul
+        if conv == "triton" and device.type != "cuda":
+            raise ValueError(f"conv 'triton' needs a CUDA device, not {device}; use conv 'cudnn' or 'auto'")
+        triton_conv = conv == "triton" or (conv == "auto" and device.type == "cuda" and dtype != torch.float32)
+        position = TritonConvPositionEmbedding if triton_conv else ChannelsLastConvPositionEmbedding
+        dit.input_embed.conv_pos_embed = position(dit.input_embed.conv_pos_embed, dtype).to(device)
+        if precision == "mixed":
+            matmuls_in(dit, dtype)  # the rest of the linear layers
+        self.step_dtype = dit.proj_out.bias.dtype if precision == "pure" else torch.float32  # what flows between the matmuls
+        self.embed_dtype = dit.text_embed.text_embed.weight.dtype
+        for block in dit.transformer_blocks:  # one compiled block serves all: the same code, weights as inputs
+            block.compile(dynamic=True)
+        dit.input_embed.compile(dynamic=True)
+        self.step = self._masked_step
         self.graphs: dict[tuple, GraphedLoop] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
-    def _masked_step(self, x, cond, text_emb, time, lengths):
+    def _masked_step(self, x, cond, text_emb, condition, lengths):
         mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-        return self.dit(x, cond, text_emb, time, mask)
+        d = self.step_dtype
+        return self.dit.flow(x.to(d), cond.to(d), text_emb.to(d), condition, mask).float()
+
+    def condition(self, time: torch.Tensor) -> list[torch.Tensor]:
+        """DiT.condition in the step's dtype: rows of (k, d) modulations, one row per time."""
+        return self.dit.condition(time.to(self.step_dtype))
 
     # --- FlowModel
 
@@ -150,7 +230,8 @@ class CompiledEngine(nn.Module):
         b, n, _ = x.shape
         size = bucket_for(n, self.buckets)
         pad = lambda t: F.pad(t, (0, 0, 0, size - n))  # noqa: E731
-        return self.step(pad(x), pad(cond), pad(text_emb), time.expand(b), row_lengths(mask, b, n, x.device))[:, :n]
+        condition = self.condition(time.expand(b))
+        return self.step(pad(x), pad(cond), pad(text_emb), condition, row_lengths(mask, b, n, x.device))[:, :n]
 
     def integrate(self, velocity: GuidedVelocity, x0: torch.Tensor, t: torch.Tensor, on_step=None) -> torch.Tensor:
         """The Euler loop of sampler.euler, on bucket-padded inputs, as one graph replay on CUDA."""
@@ -174,9 +255,10 @@ class CompiledEngine(nn.Module):
 
     def _loop(self, guided: bool, x, cond, text_emb, lengths, t, cfg):
         b = x.shape[0]
-        rows = 2 * b if guided else b
+        steps = self.condition(t[:-1])  # every step's conditioning at once: (steps, k, d) each
         for i in range(len(t) - 1):
-            out = self.step(torch.cat((x, x)) if guided else x, cond, text_emb, t[i].to(x.dtype).expand(rows), lengths)
+            condition = [c[i:i + 1] for c in steps]  # one row, broadcast over the batch
+            out = self.step(torch.cat((x, x)) if guided else x, cond, text_emb, condition, lengths)
             v = out[:b] + (out[:b] - out[b:]) * cfg if guided else out
             x = x + (t[i + 1] - t[i]).to(x.dtype) * v
         return x
@@ -189,7 +271,7 @@ class CompiledEngine(nn.Module):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside capture: compilation, cuBLAS/cuDNN workspaces
-                self._loop(guided, **static)
+                self._loop(guided, **{**static, "t": static["t"][:2]})  # one step
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
@@ -202,25 +284,28 @@ class CompiledEngine(nn.Module):
         """Capture every bucket's loop now (at load), so no request pays for it."""
         if not self.cuda_graphs:
             return
-        p = self.dit.proj_out.weight
-        mel, text_dim = self.dit.config.mel_dim, self.dit.config.text_dim
         rows = 2 * batch if guided else batch
         for size in self.buckets:
-            example = dict(x=torch.zeros(batch, size, mel, device=p.device, dtype=p.dtype),
-                           cond=torch.zeros(rows, size, mel, device=p.device, dtype=p.dtype),
-                           text_emb=torch.zeros(rows, size, text_dim, device=p.device, dtype=p.dtype),
-                           lengths=torch.full((rows,), size, device=p.device), t=torch.linspace(0, 1, steps + 1, device=p.device),
-                           cfg=torch.tensor(2.0, device=p.device, dtype=p.dtype))
+            x, cond, text_emb, _, lengths = self.example_inputs(rows, size)
+            example = dict(x=x[:batch], cond=cond, text_emb=text_emb, lengths=lengths,
+                           t=torch.linspace(0, 1, steps + 1, device=x.device), cfg=torch.tensor(2.0, device=x.device))
             self._graph(size, batch, steps + 1, guided, example)
+
+    def example_inputs(self, rows: int, size: int) -> tuple:
+        """Zeros shaped and typed as the loop calls the step: (x, cond, text_emb, condition, lengths)."""
+        device, c = self.dit.proj_out.bias.device, self.dit.config
+        zeros = lambda d, dtype: torch.zeros(rows, size, d, device=device, dtype=dtype)  # noqa: E731
+        return (zeros(c.mel_dim, self.state_dtype), zeros(c.mel_dim, self.state_dtype), zeros(c.text_dim, self.embed_dtype),
+                self.condition(torch.full((1,), 0.5, device=device)), torch.full((rows,), size, device=device))
 
 
 class CompiledBackend(Backend):
     name = "compiled"
-    modules = (model, checkpoint, base)
+    modules = (model, checkpoint, base, Path(__file__), Path(__file__).with_name("conv_kernel.py"))
     engine_files = (WEIGHTS, COMPILE_CACHE)
 
     def default_flags(self) -> dict:
-        return {"buckets": list(BUCKETS), "cuda_graphs": True, "attention": "sdpa"}
+        return {"buckets": list(BUCKETS), "cuda_graphs": True, "precision": "auto", "conv": "auto"}
 
     def convert(self, export_dir: Path, dtype, out: Path) -> dict:
         return EagerBackend().convert(export_dir, dtype, out)  # the same cast weights; compiling is the build
@@ -230,7 +315,10 @@ class CompiledBackend(Backend):
         dit.load_state_dict(load_file(str(weights)))
         dit = dit.to(device=device, dtype=TORCH_DTYPES[spec.dtype]).eval().requires_grad_(False)
         flags = spec.build_flags
-        return CompiledEngine(dit, tuple(flags["buckets"]), flags["cuda_graphs"], flags.get("attention", "sdpa"))
+        precision = flags.get("precision", "pure")
+        if precision == "auto":
+            precision = "mixed" if spec.dtype == "bf16" else "pure"
+        return CompiledEngine(dit, tuple(flags["buckets"]), flags["cuda_graphs"], precision, flags.get("conv", "cudnn"))
 
     def build(self, converted_dir: Path, spec: EngineSpec, out: Path) -> dict:
         """Compiles the step on the build's device (every shape the buckets need) and saves the
@@ -240,7 +328,7 @@ class CompiledBackend(Backend):
         engine = self.engine(out / WEIGHTS, spec, device)
         start = time.perf_counter()
         with torch.inference_mode():
-            warm_up(engine, spec)
+            warm_up(engine)
             engine.capture()  # capturing every bucket compiles what warm-up did not: save that too
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is None:
@@ -255,16 +343,13 @@ class CompiledBackend(Backend):
         torch.compiler.load_cache_artifacts((engine_dir / COMPILE_CACHE).read_bytes())
         engine = self.engine(engine_dir / WEIGHTS, spec, device)
         with torch.inference_mode():
-            warm_up(engine, spec)
+            warm_up(engine)
             engine.capture()
         return engine
 
 
-def warm_up(engine: CompiledEngine, spec: EngineSpec, rows: int = 2) -> None:
+def warm_up(engine: CompiledEngine, rows: int = 2) -> None:
     """A guided step (2 rows) at the smallest and the largest bucket: with dynamic shapes this
     compiles what every bucket needs. Other batch sizes compile on first use."""
-    p = engine.dit.proj_out.weight
     for size in (engine.buckets[0], engine.buckets[-1]):
-        zeros = lambda d: torch.zeros(rows, size, d, device=p.device, dtype=p.dtype)  # noqa: E731
-        engine.step(zeros(spec.model.mel_dim), zeros(spec.model.mel_dim), zeros(spec.model.text_dim),
-                    torch.full((rows,), 0.5, device=p.device, dtype=p.dtype), torch.full((rows,), size, device=p.device))
+        engine.step(*engine.example_inputs(rows, size))

@@ -6,9 +6,9 @@ classifier-free guidance, text of 300 tokens, total lengths 1000 and 2000 frames
     python bench/engine_bench.py --skip-eager --buckets 1024 2048 --profile --compiled fp16 fp16,conv=cudnn
 
 Rows: the fp32 eager reference, eager fp16, the compiled engines (any build flags, e.g. bf16 in
-mixed and pure precision) with and without the CUDA graph of the loop; the vocoder alone; end to end (loop + vocoder). For each: p50 ms, achieved
-TFLOP/s of the loop against the bf16 matmul rate measured first, peak memory, relL2 of the mel
-against the fp32 reference. Also the load time of a saved compiled engine in a fresh process
+mixed and pure precision) with and without the CUDA graph of the loop; the vocoder alone; end to
+end (loop + vocoder). For each: p50 ms, achieved TFLOP/s of the loop against the bf16 matmul
+rate measured first, peak memory, relL2 of the mel against the fp32 reference. Also the load time of a saved compiled engine in a fresh process
 (a new compiler cache directory, so nothing but the engine's own artifacts can help it), and the
 error floor of each low precision: the fp32 network with its weights rounded to fp16 / bf16 (what
 any engine of that dtype inherits from its weights alone).
@@ -110,7 +110,7 @@ print(f"LOAD_SECONDS {t3 - start:.2f}")
 
 
 def parse_variant(variant: str) -> tuple[str, dict]:
-    """'fp16,attention=flex,compile=blocks' -> ('fp16', {'attention': 'flex', 'compile': 'blocks'})."""
+    """'bf16,precision=pure,conv=cudnn' -> ('bf16', {'precision': 'pure', 'conv': 'cudnn'})."""
     dtype, *pairs = variant.split(",")
     flags = dict(pair.split("=", 1) for pair in pairs)
     return dtype, {k: json.loads(v) if v in ("true", "false") or v.isdigit() else v for k, v in flags.items()}
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, default=32)
     ap.add_argument("--text-tokens", type=int, default=300)
     ap.add_argument("--compiled", nargs="+", default=["fp16", "bf16"],
-                    help="compiled engines: DTYPE[,FLAG=VALUE...] over the backend's default build flags, e.g. fp16,attention=flex")
+                    help="compiled engines: DTYPE[,FLAG=VALUE...] over the backend's default build flags, e.g. bf16,precision=pure")
     ap.add_argument("--load-test", nargs="*", default=["fp16"], help="variants whose saved engine is loaded in a fresh process")
     ap.add_argument("--buckets", type=int, nargs="+", help="the compiled engines' length buckets (default: the backend's)")
     ap.add_argument("--profile", action="store_true", help="a GPU kernel breakdown of one step of each compiled engine")

@@ -95,7 +95,8 @@ class FusedQKV(CastLinear):
 
 class GeluLinear(CastLinear):
     """The feed-forward's first linear with its tanh-GELU in the GEMM's epilogue (cuBLASLt's GELU
-    epilogue is the tanh form): one kernel instead of a GEMM and an element-wise pass."""
+    epilogue is the tanh form): one kernel instead of a GEMM and an element-wise pass. Its output
+    stays in the matmul's dtype: the next consumer is the second linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._addmm_activation(self.bias, x.to(self.weight.dtype).flatten(0, -2), self.weight.t(), use_gelu=True)
@@ -195,7 +196,7 @@ class CompiledEngine(nn.Module):
             block.attn.project = FusedQKV(block.attn, dtype)
             del block.attn.to_q, block.attn.to_k, block.attn.to_v
             first = block.ff.ff[0][0]
-            block.ff.ff[0] = GeluLinear(first.weight, first.bias, dtype, upcast=False)  # GELU's output feeds a matmul
+            block.ff.ff[0] = GeluLinear(first.weight, first.bias, dtype)
         if conv == "triton" and device.type != "cuda":
             raise ValueError(f"conv 'triton' needs a CUDA device, not {device}; use conv 'cudnn' or 'auto'")
         triton_conv = conv == "triton" or (conv == "auto" and device.type == "cuda" and dtype != torch.float32)

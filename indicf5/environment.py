@@ -9,13 +9,17 @@ import torch
 from pydantic import BaseModel
 
 
+# the packages whose versions an engine's build depends on, beside python and torch
+PACKAGES = ("tensorrt_llm", "tensorrt", "nvidia-cudnn-frontend", "triton", "vocos", "prefect", "mlflow")
+
+
 class EnvironmentReport(BaseModel):
     python: str
     torch: str
     cuda: str | None
     gpu: str | None
     device: str  # where engines run here: "cuda" or "cpu"
-    packages: dict[str, str | None]  # optional backend packages: version, or None if absent
+    packages: dict[str, str | None]  # PACKAGES: version, or None if absent
     backends: dict[str, str | None]  # backend -> None if it can build here, else the remediation
 
     def versions(self) -> dict[str, str]:
@@ -40,6 +44,6 @@ def check_environment() -> EnvironmentReport:
         cuda=torch.version.cuda if cuda else None,
         gpu=torch.cuda.get_device_name() if cuda else None,
         device="cuda" if cuda else "cpu",
-        packages={name: package_version(name) for name in ("tensorrt_llm", "tensorrt", "vocos", "prefect", "mlflow")},
+        packages={name: package_version(name) for name in PACKAGES},
         backends={name: backend().unavailable() for name, backend in BACKENDS.items()},
     )

@@ -201,8 +201,7 @@ def sdpa_attend(q, k, v, mask=None):
 
 
 class Attention(nn.Module):
-    """Self-attention; rotary positions on the first head only (F5TTS_Base's pe_attn_head=1).
-    Engines may set `project` (x -> q, k, v in one matmul) and `attend` (the attention kernel)."""
+    """Self-attention; rotary positions on the first head only (F5TTS_Base's pe_attn_head=1)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int):
         super().__init__()
@@ -211,15 +210,12 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, heads * dim_head)
         self.to_v = nn.Linear(dim, heads * dim_head)
         self.to_out = nn.ModuleList([nn.Linear(heads * dim_head, dim)])
-        self.project: nn.Module | None = None
-        self.attend = sdpa_attend
 
     def forward(self, x, rope, mask=None):
         b, n, _ = x.shape
-        qkv = self.project(x) if self.project is not None else (self.to_q(x), self.to_k(x), self.to_v(x))
-        q, k, v = (t.view(b, n, self.heads, self.dim_head) for t in qkv)
+        q, k, v = (t.view(b, n, self.heads, self.dim_head) for t in (self.to_q(x), self.to_k(x), self.to_v(x)))
         q, k = rotate_first_head(q, k, rope)  # (b, n, h, dh)
-        h = self.to_out[0](self.attend(q, k, v, mask).reshape(b, n, -1))
+        h = self.to_out[0](sdpa_attend(q, k, v, mask).reshape(b, n, -1))
         return h if mask is None else h.masked_fill(~mask[..., None], 0.0)
 
 
@@ -271,7 +267,9 @@ class DiT(nn.Module):
         return [block.attn_norm(t_emb) for block in self.transformer_blocks] + [self.norm_out(t_emb)]
 
     def flow(self, x, cond, text_emb, condition: list[torch.Tensor], mask=None) -> torch.Tensor:
-        """The step over the frames, given `condition(time)` (rows of 1 broadcast over the batch)."""
+        """The step over the frames, given `condition(time)` (rows of 1 broadcast over the batch).
+        `mask` only passes through to the blocks' attention and the position convolutions: an
+        engine that replaces those may pass what its own modules take instead."""
         h = self.input_embed(x, cond, text_emb, mask)
         rope = rope_angles(x.shape[1], self.rotary_embed.inv_freq)
         for block, modulation in zip(self.transformer_blocks, condition):

@@ -28,6 +28,46 @@ def test_padding_to_a_bucket_does_not_change_the_result(checkpoint):
         assert rel_l2(got, want) <= 1e-5, n
 
 
+def test_attention_by_lengths_keeps_rows_of_different_lengths_apart(checkpoint):
+    """The engine's attention by row lengths (padded_attention, on CPU its SDPA fallback) in a
+    batch whose rows end at different frames inside one bucket, as batched requests do."""
+    reference = build_model(checkpoint)
+    engine = CompiledEngine(build_model(checkpoint), buckets=(128, 256), attention="padded")
+    torch.manual_seed(2)
+    conds = [torch.randn(1, 40, 100), torch.randn(1, 25, 100)]
+    texts = [torch.randint(0, 100, (1, 30)), torch.randint(0, 100, (1, 12))]
+    frames = [150, 90]
+    cond = torch.cat((conds[0], torch.nn.functional.pad(conds[1], (0, 0, 0, 15))))
+    text = torch.cat((texts[0], torch.nn.functional.pad(texts[1], (0, 18), value=-1)))
+    got = sample(engine, cond, text, frames, ref_lens=[40, 25], nfe=3, seed=5)
+    for row, (c, t, n) in enumerate(zip(conds, texts, frames)):
+        assert rel_l2(got[row:row + 1, :n], sample(reference, c, t, [n], nfe=3, seed=5)) <= 1e-5, row
+
+
+def test_padded_attention_reads_strided_views_and_masks_by_length():
+    """The op's contract on the q|k|v views the engine hands it: each row attends to its first
+    `length` keys only (the padding's values must not matter)."""
+    from indicf5.backends.padded_attention import padded_attention
+    from indicf5.model import sdpa_attend
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 40, 3, 4, 16)  # (b, n, q|k|v, h, dh) as the fused projection lays it out
+    lengths = torch.tensor([40, 23], dtype=torch.int32)
+    got = padded_attention(*qkv.unbind(2), lengths)
+    qkv[1, 23:] = 100 * torch.randn_like(qkv[1, 23:])  # other padding in the short row
+    again = padded_attention(*qkv.unbind(2), lengths)
+    assert rel_l2(again[1, :23], got[1, :23]) <= 1e-6
+    for row, n in enumerate(lengths.tolist()):
+        q, k, v = (t[row:row + 1, :n] for t in qkv.unbind(2))
+        assert rel_l2(got[row:row + 1, :n], sdpa_attend(q, k, v)) <= 1e-6
+
+
+def test_engine_flags_that_need_cuda_say_so(checkpoint):
+    for flags, match in (({"conv": "triton"}, "conv 'triton' needs a CUDA device"), ({"rope": "kernel"}, "rope 'kernel' needs a CUDA device")):
+        with pytest.raises(ValueError, match=match):
+            CompiledEngine(build_model(checkpoint), buckets=(128,), **flags)
+
+
 def test_build_saves_compiler_artifacts_and_loads(tmp_path, checkpoint):
     from safetensors.torch import save_file
 
@@ -65,16 +105,16 @@ def test_mixed_precision_bf16_keeps_closer_to_fp32_than_pure_bf16(checkpoint):
 
 TRITON_CONV_CHECK = """
 import sys, torch
-from indicf5.backends.compiled import TritonConvPositionEmbedding
+from indicf5.backends.compiled import Padding, TritonConvPositionEmbedding
 from indicf5.model import ConvPositionEmbedding
 torch.manual_seed(0)
 reference = ConvPositionEmbedding(128).eval()
 x = torch.randn(2, 150, 128)
-mask = torch.arange(150)[None] < torch.tensor([150, 97])[:, None]  # a full row and a padded one
+padding = Padding.of(torch.tensor([150, 97], dtype=torch.int32), 150)  # a full row and a padded one
 with torch.no_grad():
-    want = reference(x, mask)
+    want = reference(x, padding.mask)
     for dtype in (torch.float32, torch.float16):
-        got = TritonConvPositionEmbedding(reference, dtype)(x.to(dtype), mask).float()
+        got = TritonConvPositionEmbedding(reference, dtype)(x.to(dtype), padding).float()
         print(str(dtype), float((got - want).norm() / want.norm()))
 """
 
@@ -92,6 +132,35 @@ def test_the_triton_position_convolution_computes_the_reference():
     assert float(errors["torch.float32"]) <= 1e-5 and float(errors["torch.float16"]) <= 2e-3, errors
 
 
-def test_the_triton_convolution_needs_cuda(checkpoint):
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        CompiledEngine(build_model(checkpoint), buckets=(128,), conv="triton")
+ROPE_KERNEL_CHECK = """
+import torch
+from indicf5.backends.rope_kernel import rotate_first_head_
+from indicf5.model import rope_angles, rope_inv_freq, rotate_first_head
+torch.manual_seed(0)
+b, n, h, dh = 2, 76, 4, 16
+angles = rope_angles(n, rope_inv_freq(dh))
+for dtype in (torch.float32, torch.float16):
+    qkv = torch.randn(b, n, 3 * h * dh).to(dtype)
+    q, k, v = qkv.view(b, n, 3, h, dh).unbind(2)
+    want_q, want_k = rotate_first_head(q, k, angles)
+    got = qkv.clone()
+    rotate_first_head_(got, angles, h)
+    got_q, got_k, got_v = got.view(b, n, 3, h, dh).unbind(2)
+    err = max(float((g.float() - w.float()).abs().max()) for g, w in ((got_q, want_q), (got_k, want_k)))
+    print(str(dtype), err, int(torch.equal(got_v, v)))
+"""
+
+
+def test_the_rotary_kernel_rotates_the_first_head_in_place():
+    """rope_kernel.py's kernel, run by Triton's interpreter on the CPU: q's and k's first head
+    rotated where the projection left them, as the reference's copy does; v untouched."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ROPE_KERNEL_CHECK], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {dtype: (float(err), int(v_kept)) for dtype, err, v_kept in (line.split() for line in done.stdout.splitlines())}
+    assert results["torch.float32"][0] <= 1e-5 and results["torch.float16"][0] <= 1e-3, results
+    assert all(v_kept for _, v_kept in results.values()), results

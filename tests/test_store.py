@@ -97,3 +97,5 @@ def test_a_backend_keys_its_artifacts_on_its_own_code(name):
     sources = {Path(m) if isinstance(m, Path) else Path(inspect.getfile(m)) for m in backend.modules}
     assert Path(inspect.getfile(type(backend))) in sources
     assert all(path.is_file() for path in sources)
+    if name == "compiled":  # and on the kernels its engines run
+        assert {"conv_kernel.py", "rope_kernel.py", "padded_attention.py"} <= {path.name for path in sources}

@@ -5,6 +5,7 @@ One forward pass predicts the flow (velocity) of the mel frames at time t:
     text ids ─TextEmbedding─> text_emb (b, n, text_dim)      computed once per utterance
     x (noisy mel), cond (reference mel, zero past it), text_emb
         ─InputEmbedding─> h (b, n, dim)  ─ depth × DiTBlock(h, modulation, rope) ─> AdaLN ─> proj ─> (b, n, mel)
+        (each block also applies the next block's AdaLN, or the final one, to its output)
     t ─TimestepEmbedding─> t_emb ─> each block's AdaLN modulation          `condition`: t alone
 
 Parameter names follow upstream's state dict exactly (``time_embed.time_mlp.0``, ``ff.ff.0.0`` ...)
@@ -236,10 +237,18 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, heads, dim_head)
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(self, x, modulation, rope, mask=None):  # modulation (b, 6, d): self.attn_norm(t_emb)
-        shift, scale, gate, shift_ff, scale_ff, gate_ff = modulation.unbind(1)
-        x = x + gate[:, None] * self.attn(modulated_norm(x, shift, scale), rope, mask)
-        return x + gate_ff[:, None] * self.ff(modulated_norm(x, shift_ff, scale_ff))
+    def forward(self, x, normed, modulation, next_norm, rope, mask=None):
+        """x (b, n, d) the residual stream and `normed` its normalised, modulated copy for this
+        block's attention; modulation (b, 6, d): self.attn_norm(t_emb); next_norm the (shift,
+        scale) of the norm after this block -> (x, x normalised by next_norm).
+
+        Each block normalises the next one's input (upstream does it at the next block's start):
+        the same math, and an engine that compiles one block fuses that norm into the block's last
+        pass over x."""
+        _, _, gate, shift_ff, scale_ff, gate_ff = modulation.unbind(1)
+        x = x + gate[:, None] * self.attn(normed, rope, mask)
+        x = x + gate_ff[:, None] * self.ff(modulated_norm(x, shift_ff, scale_ff))
+        return x, modulated_norm(x, *next_norm)
 
 
 class DiT(nn.Module):
@@ -272,10 +281,12 @@ class DiT(nn.Module):
         engine that replaces those may pass what its own modules take instead."""
         h = self.input_embed(x, cond, text_emb, mask)
         rope = rope_angles(x.shape[1], self.rotary_embed.inv_freq)
-        for block, modulation in zip(self.transformer_blocks, condition):
-            h = block(h, modulation, rope, mask)
         scale, shift = condition[-1].unbind(1)
-        return self.proj_out(modulated_norm(h, shift, scale))
+        norms = [modulation.unbind(1)[:2] for modulation in condition[:-1]] + [(shift, scale)]  # (shift, scale) of each norm
+        normed = modulated_norm(h, *norms[0])
+        for block, modulation, next_norm in zip(self.transformer_blocks, condition, norms[1:]):
+            h, normed = block(h, normed, modulation, next_norm, rope, mask)
+        return self.proj_out(normed)
 
     def forward(
         self,

@@ -19,6 +19,9 @@ in half the time (docs/performance.md). On top of what Inductor fuses:
 - the time conditioning (the timestep MLP and every block's AdaLN modulation: all the step needs
   of t) is computed for the whole time grid once before the loop, one small matmul per layer
   instead of a weight-bound matrix-vector product per layer and step;
+- each block ends with the next block's norm (model.DiTBlock), so the compiled block fuses it into
+  its last pass over the residual stream: two element-wise kernels a block; in mixed precision the
+  norm comes out in bf16 straight away (NormedInMatmulDtype);
 - q, k and v come from one matmul; the feed-forward's tanh-GELU runs in its GEMM's epilogue;
 - rotary positions (flag ``rope``): on CUDA (``auto``), a Triton kernel rotates q's and k's first
   head in place in the q|k|v buffer (rope_kernel.py; 2.5 us a layer instead of a 22 us copy);
@@ -105,6 +108,21 @@ def matmuls_in(dit: DiT, dtype: torch.dtype) -> None:
     for name, linear in low.items():
         parent, _, attr = name.rpartition(".")
         setattr(dit.get_submodule(parent), attr, CastLinear(linear.weight, linear.bias, dtype))
+
+
+class NormedInMatmulDtype(nn.Module):
+    """A DiTBlock (mixed precision) whose normalised output comes out in the matmuls' dtype. Its
+    only consumer is a matmul that casts it anyway (the next block's q|k|v projection, or
+    proj_out): cast here, it costs nothing in the norm's kernel instead of a pass of its own."""
+
+    def __init__(self, block: model.DiTBlock, dtype: torch.dtype):
+        super().__init__()
+        self.block, self.dtype = block, dtype
+        self.attn_norm = block.attn_norm  # DiT.condition reads each block's modulation from it
+
+    def forward(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        x, normed = self.block(*args)
+        return x, normed.to(self.dtype)
 
 
 class Padding(NamedTuple):
@@ -251,6 +269,7 @@ class CompiledEngine(nn.Module):
         dit.input_embed.conv_pos_embed = position(dit.input_embed.conv_pos_embed, dtype).to(device)
         if precision == "mixed":
             matmuls_in(dit, dtype)  # the rest of the linear layers
+            dit.transformer_blocks = nn.ModuleList(NormedInMatmulDtype(block, dtype) for block in dit.transformer_blocks)
         self.step_dtype = dit.proj_out.bias.dtype if precision == "pure" else torch.float32  # what flows between the matmuls
         self.embed_dtype = dit.text_embed.text_embed.weight.dtype
         for block in dit.transformer_blocks:  # one compiled block serves all: the same code, weights as inputs

@@ -264,7 +264,12 @@ class CompiledEngine(nn.Module):
             block.attn = EngineAttention(block.attn, dtype, by_lengths, rope_kernel)
             first = block.ff.ff[0][0]
             block.ff.ff[0] = GeluLinear(first.weight, first.bias, dtype)
-        triton_conv = conv == "triton" or (conv == "auto" and on_gpu and low)
+        first_conv = dit.input_embed.conv_pos_embed.conv1d[0]
+        group_width = first_conv.in_channels // first_conv.groups  # the kernel's tile: tl.dot wants a power of two >= 16
+        fits_triton = group_width >= 16 and group_width & (group_width - 1) == 0
+        if conv == "triton" and not fits_triton:
+            raise ValueError(f"conv 'triton' needs a power of two >= 16 channels per group, not {group_width}; use conv 'auto'")
+        triton_conv = conv == "triton" or (conv == "auto" and on_gpu and low and fits_triton)
         position = TritonConvPositionEmbedding if triton_conv else ChannelsLastConvPositionEmbedding
         dit.input_embed.conv_pos_embed = position(dit.input_embed.conv_pos_embed, dtype).to(device)
         if precision == "mixed":

@@ -25,8 +25,6 @@ from indicf5.model import sdpa_attend
 
 INSTALL = "pip install 'nvidia-cudnn-frontend==1.14.*'"
 
-_local = threading.local()  # cuDNN handles and graphs are per thread (a handle is not thread-safe)
-
 
 def available() -> bool:
     """Whether cuDNN's Python frontend can be imported (the CUDA path needs it)."""
@@ -58,10 +56,9 @@ class _Attention:
         cudnn = _cudnn()
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("padded_attention builds its cuDNN graph eagerly: run the shape once before capturing it")
-        handles = _local.__dict__.setdefault("handles", {})
-        if q.device not in handles:
-            handles[q.device] = cudnn.create_handle()
-        self.handle = handles[q.device]
+        if q.device not in _handles:
+            _handles[q.device] = cudnn.create_handle()
+        self.handle = _handles[q.device]
         io_type = {torch.float16: cudnn.data_type.HALF, torch.bfloat16: cudnn.data_type.BFLOAT16}[q.dtype]
         graph = cudnn.pygraph(io_data_type=io_type, intermediate_data_type=cudnn.data_type.FLOAT,
                               compute_data_type=cudnn.data_type.FLOAT, handle=self.handle)
@@ -92,6 +89,14 @@ class _Attention:
                            workspace, handle=self.handle)
 
 
+# One handle per device and one graph per shape, for the life of the process: CUDA graphs captured
+# with them replay their kernels later, from any thread. A handle is not thread-safe: the lock
+# makes binding its stream and launching one step.
+_handles: dict[torch.device, object] = {}
+_graphs: dict[tuple, _Attention] = {}
+_lock = threading.Lock()
+
+
 @torch.library.custom_op("indicf5::padded_attention", mutates_args=())
 def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """q, k, v (b, n, h, dh), any strides with dh contiguous; lengths (b,) int32 real frames per
@@ -101,10 +106,10 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lengths = lengths.to(torch.int32)
     key = (q.device, q.dtype, *(tuple(t.shape) + tuple(t.stride()) for t in (q, k, v)))
-    graphs = _local.__dict__.setdefault("graphs", {})
-    if key not in graphs:
-        graphs[key] = _Attention(q, k, v, out)
-    graphs[key](q, k, v, out, lengths)
+    with _lock:
+        if key not in _graphs:
+            _graphs[key] = _Attention(q, k, v, out)
+        _graphs[key](q, k, v, out, lengths)
     return out
 
 

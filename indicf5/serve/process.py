@@ -59,4 +59,7 @@ class ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
+        died = self.proc.poll() is not None
         self.stop()
+        if exc[0] is not None and died:  # the failure was probably the server's: say what it said
+            sys.stderr.write(f"the server had exited ({self.proc.returncode}); the end of its log:\n{self.log.read_text()[-6000:]}\n")

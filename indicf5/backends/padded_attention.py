@@ -49,7 +49,7 @@ def _layout(t: torch.Tensor) -> tuple[list[int], list[int]]:
     return [b, h, n, dh], [t.stride(0), t.stride(2), t.stride(1), t.stride(3)]
 
 
-class _Attention:
+class AttentionGraph:
     """One cuDNN SDPA graph: a shape, dtype and layout of q, k and v."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, implementation: str = "AUTO"):
@@ -93,7 +93,7 @@ class _Attention:
 # with them replay their kernels later, from any thread. A handle is not thread-safe: the lock
 # makes binding its stream and launching one step.
 _handles: dict[torch.device, object] = {}
-_graphs: dict[tuple, _Attention] = {}
+_graphs: dict[tuple, AttentionGraph] = {}
 _lock = threading.Lock()
 
 
@@ -108,7 +108,7 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     key = (q.device, q.dtype, *(tuple(t.shape) + tuple(t.stride()) for t in (q, k, v)))
     with _lock:
         if key not in _graphs:
-            _graphs[key] = _Attention(q, k, v, out)
+            _graphs[key] = AttentionGraph(q, k, v, out)
         _graphs[key](q, k, v, out, lengths)
     return out
 

@@ -35,7 +35,7 @@ from indicf5.backends.base import EngineSpec  # noqa: E402
 from indicf5.backends.compiled import CompiledBackend, bucket_for  # noqa: E402
 from indicf5.config import TORCH_DTYPES, ModelConfig  # noqa: E402
 from indicf5.model import DiT  # noqa: E402
-from indicf5.sampler import sample, state_dtype  # noqa: E402
+from indicf5.sampler import sample  # noqa: E402
 from indicf5.synthetic import random_transformer  # noqa: E402
 from indicf5.vocoder import build_vocos  # noqa: E402
 
@@ -179,7 +179,7 @@ def main() -> None:
     def run_row(label: str, model, dtype: str):
         for n in args.lengths:
             cond, text = inputs[n]
-            run = lambda: sample(model, cond, text, [n], nfe=args.nfe, seed=0, dtype=state_dtype(model, TORCH_DTYPES[dtype]))  # noqa: E731
+            run = lambda: sample(model, cond, text, [n], nfe=args.nfe, seed=0, dtype=TORCH_DTYPES[dtype])  # noqa: E731
             reset_peak(device)
             mel = run()
             loop_ms = timed(run, device, repeats=3 if label.startswith("eager fp32") else 5)

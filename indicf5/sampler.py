@@ -137,9 +137,10 @@ def sample(
     on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """(b, max(durations), mel) mel frames, the reference frames included, in fp32; row i is
-    valid up to fit_durations(...)[i]."""
+    valid up to fit_durations(...)[i]. `dtype` is what the model computes in; the ODE state is
+    kept in `state_dtype(model, dtype)`."""
     b, n_ref, n_mels = cond.shape
-    dtype = dtype or cond.dtype
+    dtype = state_dtype(model, dtype or cond.dtype)
     device = cond.device
     ref_lens_t = torch.tensor(ref_lens or [n_ref] * b, device=device)
     durations = fit_durations(durations, ref_lens_t.tolist(), (text != -1).sum(-1).tolist(), max_frames)

@@ -25,7 +25,7 @@ from indicf5.checkpoint import build_model, load_checkpoint
 from indicf5.config import TORCH_DTYPES, DType, MelConfig, SamplingConfig
 from torch.nn.utils.rnn import pad_sequence
 
-from indicf5.sampler import FlowModel, fit_durations, sample, state_dtype
+from indicf5.sampler import FlowModel, fit_durations, sample
 from indicf5.text import Vocab, check_text, chunk_budget, chunk_text, encode, estimate_frames, normalize_ref_text
 from indicf5.vocoder import decode, load_vocoder
 
@@ -68,7 +68,7 @@ class Synthesizer:
     vocoder: torch.nn.Module
     vocab: Vocab
     device: str = "cpu"
-    dtype: torch.dtype = torch.float32  # of the sampling state (sampler.state_dtype)
+    dtype: torch.dtype = torch.float32
     mel_config: MelConfig = MelConfig()
 
     @classmethod
@@ -86,7 +86,7 @@ class Synthesizer:
         files on another backend that can (e.g. the PyTorch path, eager, on a compiled engine)."""
         model, spec, vocab_path, vocoder_state = load_engine(engine_dir, device, backend)
         vocoder = load_vocoder(vocoder_state if vocoder_dir is None else None, vocoder_dir, device)
-        return cls(model, vocoder, Vocab.load(vocab_path), device, state_dtype(model, TORCH_DTYPES[spec.dtype]))
+        return cls(model, vocoder, Vocab.load(vocab_path), device, TORCH_DTYPES[spec.dtype])
 
     def reference_mel(self, ref: Reference) -> torch.Tensor:
         """(frames, n_mels) conditioning mel of a prepared reference."""

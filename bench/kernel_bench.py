@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indicf5.backends import conv_kernel  # noqa: E402
 from indicf5.backends.rope_kernel import rotate_first_head_  # noqa: E402
-from indicf5.backends.padded_attention import AttentionGraph, padded_attention  # noqa: E402
+from indicf5.backends.padded_attention import padded_attention  # noqa: E402
 from indicf5.backends.compiled import ChannelsLastConvPositionEmbedding, Padding, TritonConvPositionEmbedding  # noqa: E402
 from indicf5.config import TORCH_DTYPES  # noqa: E402
 from indicf5.model import ConvPositionEmbedding, rope_angles, rope_inv_freq, rotate_first_head, sdpa_attend  # noqa: E402
+from indicf5.sampler import lengths_to_mask  # noqa: E402
 
 
 def median_ms(fn, repeats: int = 50) -> float:
@@ -71,7 +72,7 @@ def bench_attention(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64
     qkv = torch.randn(b, n, 3, heads, dim_head, device="cuda")
     q, k, v = qkv.unbind(2)
     lengths = torch.full((b,), length, device="cuda", dtype=torch.int32)
-    mask = torch.arange(n, device="cuda")[None] < lengths[:, None]
+    mask = lengths_to_mask(lengths, n)
     want = sdpa_attend(q, k, v, mask)[:, :length]
     flops = 4 * b * heads * n * n * dim_head
     qkv_d = qkv.to(dtype)  # the fused projection's output, (b, n, 3, h, dh)
@@ -89,27 +90,12 @@ def bench_attention(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64
         return lambda: F.scaled_dot_product_attention(q2.transpose(1, 2), k2.transpose(1, 2), vd.transpose(1, 2),
                                                       scale=dim_head ** -0.5).transpose(1, 2)
 
-    def cudnn_variant(implementation: str, all_queries: bool):
-        """padded_attention's cuDNN graph built with another implementation, or told that every
-        query is real (only the keys padded)."""
-        out, built = torch.empty_like(qd), {}
-        query_lengths = torch.full_like(lengths, n) if all_queries else lengths
-
-        def run():
-            if "graph" not in built:  # built on the first call: a refusal is this variant's failure
-                built["graph"] = AttentionGraph(qd, kd, vd, out, implementation)
-            built["graph"](qd, kd, vd, out, lengths, query_lengths)
-            return out
-        return run
-
     variants = {
         "sdpa, key mask (before)": lambda: sdpa_attend(qd, kd, vd, mask),
         "sdpa, no mask (ceiling, inexact)": lambda: sdpa_attend(qd, kd, vd),
         "cudnn only, no mask (inexact)": lambda: only(SDPBackend.CUDNN_ATTENTION, qd, kd, vd),
         "padded (cudnn padding mask)": lambda: padded_attention(qd, kd, vd, lengths),
         "padded, on q|k|v views": lambda: padded_attention(*qkv_d.unbind(2), lengths),
-        **{f"padded, {impl.lower()}{', all queries' if full_q else ''}": cudnn_variant(impl, full_q)
-           for impl in ("AUTO", "COMPOSITE", "UNIFIED") for full_q in (False, True)},
         "flash varlen, seqused_k": lambda: torch.ops.aten._flash_attention_forward(
             tokens(qd), tokens(kd), tokens(vd), seq_starts, seq_starts, n, n, 0.0, False, False, seqused_k=lengths)[0].view(b, n, heads, -1),
         "bias channel, q/k 72 wide": bias_channel(),

@@ -55,13 +55,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from indicf5 import checkpoint, model
-from indicf5.backends import base
+from indicf5.backends import base, padded_attention
 from indicf5.backends.base import Backend, EngineSpec
 from indicf5.backends.eager import WEIGHTS, EagerBackend
-from indicf5.backends import padded_attention
 from indicf5.config import TORCH_DTYPES
 from indicf5.model import DiT
-from indicf5.sampler import GuidedVelocity
+from indicf5.sampler import GuidedVelocity, lengths_to_mask
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ class Padding(NamedTuple):
     @classmethod
     def of(cls, lengths: torch.Tensor, n: int) -> Padding:
         """lengths (b,) int32 of rows padded to n frames."""
-        return cls(torch.arange(n, device=lengths.device)[None, :] < lengths[:, None], lengths)
+        return cls(lengths_to_mask(lengths, n), lengths)
 
 
 class ChannelsLastConvPositionEmbedding(nn.Module):
@@ -255,10 +254,12 @@ class CompiledEngine(nn.Module):
             dit.float()  # the low-precision copies below are made from it exactly (its values are `dtype`'s)
         self.dit, self.buckets = dit, tuple(buckets)
         self.cuda_graphs = cuda_graphs and on_gpu
-        by_lengths = attention == "padded" or (attention == "auto" and on_gpu and low and padded_attention.available())
-        if attention == "auto" and on_gpu and low and not by_lengths:
-            log.warning("cuDNN's Python frontend is missing: attention falls back to a key mask (slower); %s",
-                        padded_attention.INSTALL)
+        by_lengths = attention == "padded"
+        if attention == "auto" and on_gpu and low:
+            by_lengths = padded_attention.available()
+            if not by_lengths:
+                log.warning("cuDNN's Python frontend is missing: attention falls back to a key mask (slower); %s",
+                            padded_attention.INSTALL)
         rope_kernel = rope == "kernel" or (rope == "auto" and on_gpu)
         for block in dit.transformer_blocks:
             block.attn = EngineAttention(block.attn, dtype, by_lengths, rope_kernel)

@@ -22,6 +22,7 @@ import threading
 import torch
 
 from indicf5.model import sdpa_attend
+from indicf5.sampler import lengths_to_mask
 
 INSTALL = "pip install 'nvidia-cudnn-frontend==1.14.*'"
 
@@ -52,7 +53,7 @@ def _layout(t: torch.Tensor) -> tuple[list[int], list[int]]:
 class AttentionGraph:
     """One cuDNN SDPA graph: a shape, dtype and layout of q, k and v."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, implementation: str = "AUTO"):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
         cudnn = _cudnn()
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("padded_attention builds its cuDNN graph eagerly: run the shape once before capturing it")
@@ -67,8 +68,7 @@ class AttentionGraph:
             tensors[name] = graph.tensor(dim=[q.shape[0], 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.INT32,
                                          name=name)
         o, _ = graph.sdpa(q=tensors["q"], k=tensors["k"], v=tensors["v"], generate_stats=False, attn_scale=q.shape[-1] ** -0.5,
-                          use_padding_mask=True, seq_len_q=tensors["seq_len_q"], seq_len_kv=tensors["seq_len_kv"], name="attention",
-                          implementation=getattr(cudnn.attention_implementation, implementation))
+                          use_padding_mask=True, seq_len_q=tensors["seq_len_q"], seq_len_kv=tensors["seq_len_kv"], name="attention")
         dims, strides = _layout(out)
         tensors["o"] = o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(io_type)
         graph.validate()
@@ -79,13 +79,12 @@ class AttentionGraph:
         graph.build_plans()
         self.graph, self.tensors = graph, tensors
 
-    def __call__(self, q, k, v, out, lengths, query_lengths=None) -> None:
+    def __call__(self, q, k, v, out, lengths) -> None:
         """Launches on torch's current stream (a capture's, too)."""
-        query_lengths = lengths if query_lengths is None else query_lengths
         _cudnn().set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
         workspace = torch.empty(self.graph.get_workspace_size(), device=q.device, dtype=torch.uint8)
         t = self.tensors
-        self.graph.execute({t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["seq_len_q"]: query_lengths, t["seq_len_kv"]: lengths},
+        self.graph.execute({t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["seq_len_q"]: lengths, t["seq_len_kv"]: lengths},
                            workspace, handle=self.handle)
 
 
@@ -102,7 +101,7 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     """q, k, v (b, n, h, dh), any strides with dh contiguous; lengths (b,) int32 real frames per
     row -> (b, n, h, dh): each row's first `length` queries attend to its first `length` keys."""
     if not q.is_cuda:
-        return sdpa_attend(q, k, v, torch.arange(q.shape[1], device=q.device)[None, :] < lengths[:, None]).contiguous()
+        return sdpa_attend(q, k, v, lengths_to_mask(lengths, q.shape[1])).contiguous()
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lengths = lengths.to(torch.int32)
     key = (q.device, q.dtype, *(tuple(t.shape) + tuple(t.stride()) for t in (q, k, v)))

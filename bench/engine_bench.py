@@ -8,10 +8,13 @@ classifier-free guidance, text of 300 tokens, total lengths 1000 and 2000 frames
 Rows: the fp32 eager reference, eager fp16, the compiled engines (any build flags, e.g. bf16 in
 mixed and pure precision) with and without the CUDA graph of the loop; the vocoder alone; end to
 end (loop + vocoder). For each: p50 ms, achieved TFLOP/s of the loop against the bf16 matmul
-rate measured first, peak memory, relL2 of the mel against the fp32 reference. Also the load time of a saved compiled engine in a fresh process
-(a new compiler cache directory, so nothing but the engine's own artifacts can help it), and the
-error floor of each low precision: the fp32 network with its weights rounded to fp16 / bf16 (what
-any engine of that dtype inherits from its weights alone).
+rate measured first, peak memory, relL2 of the mel against the fp32 reference; for a graph, also
+its replay alone (the rest of the loop column is sample()'s work around it). `--profile` adds a
+kernel breakdown of one step and, for one replay, the GPU's idle time and where it falls. Also
+the load time of a saved compiled engine in a fresh process (a new compiler cache directory, so
+nothing but the engine's own artifacts can help it), and the error floor of each low precision:
+the fp32 network with its weights rounded to fp16 / bf16 (what any engine of that dtype inherits
+from its weights alone).
 """
 
 from __future__ import annotations
@@ -45,12 +48,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup=1, repeats=5) -> float:
-    """p50 milliseconds."""
+def timed(fn, device, warmup=1, repeats=5, budget_ms=3000.0, most=25) -> float:
+    """p50 milliseconds of at least `repeats` runs, more (up to `most`) where they fit in `budget_ms`."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (len(times) < most and sum(times) + times[-1] < budget_ms):
         sync(device)
         start = time.perf_counter()
         fn()
@@ -137,6 +140,45 @@ def profile_step(engine, n: int, device: str, top: int = 14) -> None:
         print(f"    {ms:7.3f} ms {100 * ms / total:5.1f}%  x{count:<4} {name[:110]}", flush=True)
 
 
+def kernel_family(kernel: str) -> str:
+    """A kernel's family: 'nvjet', 'cudnn', 'triton_per', 'Memset', ..."""
+    for family in ("nvjet", "cudnn", "Memset", "triton_per", "triton_poi", "triton_red", "cutlass", "elementwise"):
+        if family in kernel:
+            return family
+    return kernel.split("(")[0][-30:]
+
+
+def profile_graph(engine, n: int, top: int = 8) -> None:
+    """One replay of the captured loop of n frames: its span on the GPU against the time some
+    kernel was running (the difference is launch gaps, wherever no stream had work), and in
+    which kernel-to-kernel transitions the gaps lie."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphed = next(g for (size, *_), g in engine.graphs.items() if size == bucket_for(n, engine.buckets))
+    graphed.graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graphed.graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not kernels:
+        print(f"  graph {n} frames: the profiler saw no kernels of the replay", flush=True)
+        return
+    busy, reach, gaps = 0.0, kernels[0][0], {}
+    for (start, end, name), before in zip(kernels, [None, *kernels[:-1]]):
+        if start > reach and before is not None:
+            key = f"{kernel_family(before[2])} -> {kernel_family(name)}"
+            gaps[key] = gaps.get(key, 0.0) + start - reach
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    span = reach - kernels[0][0]
+    print(f"  graph {n} frames: span {span / 1e3:.1f} ms, some kernel running {busy / 1e3:.1f} ms, "
+          f"idle {(span - busy) / 1e3:.1f} ms, {len(kernels)} kernels", flush=True)
+    for key, us in sorted(gaps.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    idle {us / 1e3:6.2f} ms after {key}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="tiny dimensions (a CPU smoke run)")
@@ -147,7 +189,8 @@ def main() -> None:
                     help="compiled engines: DTYPE[,FLAG=VALUE...] over the backend's default build flags, e.g. bf16,precision=pure")
     ap.add_argument("--load-test", nargs="*", default=["fp16"], help="variants whose saved engine is loaded in a fresh process")
     ap.add_argument("--buckets", type=int, nargs="+", help="the compiled engines' length buckets (default: the backend's)")
-    ap.add_argument("--profile", action="store_true", help="a GPU kernel breakdown of one step of each compiled engine")
+    ap.add_argument("--profile", action="store_true",
+                    help="each compiled engine: a GPU kernel breakdown of one step, and the idle time of one graph replay")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--skip-eager", action="store_true", help="compiled engines only")
     ap.add_argument("--no-vocoder", dest="vocoder", action="store_false")
@@ -192,9 +235,14 @@ def main() -> None:
             row = {"engine": label, "frames": n, "loop_ms": loop_ms, "e2e_ms": e2e_ms, "loop_tflops": tflops,
                    "fraction_of_matmul_rate": tflops / rate if rate == rate else None, "peak_mb": peak_mb(device),
                    "rel_l2_vs_fp32": rel, "finite": bool(torch.isfinite(mel).all())}
+            graphed = [g for (size, *_), g in getattr(model, "graphs", {}).items()
+                       if getattr(model, "cuda_graphs", False) and size == bucket_for(n, model.buckets)]
+            if graphed:  # what of the loop's time is the graph's replay, and what the rest of sample()
+                row["replay_ms"] = timed(graphed[0].graph.replay, device)
             results["rows"].append(row)
+            replay = f"  (replay {row['replay_ms']:6.1f} ms)" if graphed else ""
             print(f"{label:32} {n:5} frames: loop {loop_ms:8.1f} ms  e2e {e2e_ms:8.1f} ms  {tflops:6.1f} TFLOP/s  "
-                  f"peak {row['peak_mb']:8.0f} MB  relL2 {rel:.2e}", flush=True)
+                  f"peak {row['peak_mb']:8.0f} MB  relL2 {rel:.2e}{replay}", flush=True)
             del generated
 
     if not args.skip_eager:
@@ -248,6 +296,12 @@ def main() -> None:
                 run_row(f"compiled {variant} no graph", engine, dtype)
                 engine.cuda_graphs = True
             run_row(f"compiled {variant}" + (" + graph" if device == "cuda" else ""), engine, dtype)
+            if args.profile and device == "cuda":
+                for n in args.lengths:
+                    try:
+                        profile_graph(engine, n)
+                    except Exception as e:  # as above: the timings stand without it
+                        print(f"  graph {n} frames FAILED: {type(e).__name__}: {e}", flush=True)
             del engine
             if variant not in args.load_test:
                 continue

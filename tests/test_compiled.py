@@ -51,6 +51,22 @@ def test_attention_by_lengths_keeps_rows_of_different_lengths_apart(checkpoint, 
         assert rel_l2(got[row:row + 1, :n], alone) <= (2e-3 if device == "cuda" else 1e-5), row
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_guidance_branches_on_two_streams_compute_what_one_batch_does(checkpoint):
+    """branches 'streams' (each guidance branch on its own CUDA stream, in the loop's graph and
+    without it) samples what the one batch of both branches does."""
+    engines = {branches: CompiledEngine(build_model(checkpoint, "cuda", torch.float16), buckets=(256,), branches=branches)
+               for branches in ("batched", "streams")}
+    torch.manual_seed(3)
+    cond, text = torch.randn(1, 50, 100, device="cuda"), torch.randint(0, 100, (1, 40), device="cuda")
+    run = lambda engine: sample(engine, cond, text, [200], nfe=4, seed=2, dtype=engine.state_dtype)  # noqa: E731
+    want = run(engines["batched"])
+    streams = engines["streams"]
+    assert rel_l2(run(streams), want) <= 2e-3 and streams.graphs  # the graph of both streams
+    streams.cuda_graphs = False
+    assert rel_l2(run(streams), want) <= 2e-3
+
+
 def test_padded_attention_reads_strided_views_and_masks_by_length():
     """The op's contract on the q|k|v views the engine hands it: each row attends to its first
     `length` keys only (the padding's values must not matter)."""
@@ -70,7 +86,8 @@ def test_padded_attention_reads_strided_views_and_masks_by_length():
 
 
 def test_engine_flags_that_cannot_run_here_say_so(checkpoint):
-    for flags, match in (({"conv": "triton"}, "conv 'triton' needs a CUDA device"), ({"rope": "kernel"}, "rope 'kernel' needs a CUDA device")):
+    for flags, match in (({"conv": "triton"}, "conv 'triton' needs a CUDA device"), ({"rope": "kernel"}, "rope 'kernel' needs a CUDA device"),
+                         ({"branches": "streams"}, "branches 'streams' needs a CUDA device")):
         with pytest.raises(ValueError, match=match):
             CompiledEngine(build_model(checkpoint), buckets=(128,), **flags)
     if torch.cuda.is_available():  # the synthetic model's 4 channels a group do not fit the Triton kernel's tiles

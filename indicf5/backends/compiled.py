@@ -31,7 +31,12 @@ in half the time (docs/performance.md). On top of what Inductor fuses:
   (padded_attention.py; 28% faster than SDPA with a key mask at 2048 frames); otherwise SDPA with
   the key mask (``masked``);
 - the position convolutions (flag ``conv``): on CUDA with fp16/bf16 weights (``auto``), one fused
-  Triton kernel each (conv_kernel.py); otherwise cuDNN on channels-last data (``cudnn``).
+  Triton kernel each (conv_kernel.py); otherwise cuDNN on channels-last data (``cudnn``);
+- the guidance branches (flag ``branches``): on CUDA (``auto``) from 2048 frames a branch (rows x
+  bucket), the conditioned and the unconditioned rows run on two streams inside the loop's graph,
+  so each one's launch gaps and memory-bound passes overlap the other's kernels (3% faster at 2000
+  frames; at 1000 frames the half-size kernels lose more than that); otherwise one batch of both
+  (``batched``); ``streams`` always splits.
 
 Precision (flag ``precision``): the ODE state (x, the Euler updates) is always fp32. ``pure`` runs
 the whole step in the engine's dtype; ``mixed`` keeps the residual stream, norms and modulation in
@@ -66,6 +71,7 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096)
 COMPILE_CACHE = "compile_cache.bin"
+BRANCH_STREAMS_FROM = 2048  # frames a guidance branch: see CompiledEngine._on_streams
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
@@ -241,7 +247,7 @@ class CompiledEngine(nn.Module):
     state_dtype = torch.float32  # the ODE state, whatever the engine computes in (see sampler.state_dtype)
 
     def __init__(self, dit: DiT, buckets: tuple[int, ...] = BUCKETS, cuda_graphs: bool = True, precision: str = "pure",
-                 conv: str = "auto", attention: str = "auto", rope: str = "auto"):
+                 conv: str = "auto", attention: str = "auto", rope: str = "auto", branches: str = "auto"):
         super().__init__()
         device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
         on_gpu, low = device.type == "cuda", dtype != torch.float32
@@ -261,6 +267,10 @@ class CompiledEngine(nn.Module):
                 log.warning("cuDNN's Python frontend is missing: attention falls back to a key mask (slower); %s",
                             padded_attention.INSTALL)
         rope_kernel = rope == "kernel" or (rope == "auto" and on_gpu)
+        if branches == "streams" and not on_gpu:
+            raise ValueError(f"branches 'streams' needs a CUDA device, not {device}; use branches 'auto'")
+        self.branches = branches
+        self.branch_stream = torch.cuda.Stream(device) if on_gpu and branches != "batched" else None
         for block in dit.transformer_blocks:
             block.attn = EngineAttention(block.attn, dtype, by_lengths, rope_kernel)
             first = block.ff.ff[0][0]
@@ -320,7 +330,7 @@ class CompiledEngine(nn.Module):
         pad = lambda t_: F.pad(t_, (0, 0, 0, size - n))  # noqa: E731
         inputs = dict(x=pad(x0), cond=pad(cond), text_emb=pad(velocity.text_emb),
                       lengths=torch.cat((lengths, lengths)) if guided else lengths, t=t,
-                      cfg=torch.tensor(velocity.cfg_strength, device=x0.device, dtype=x0.dtype))
+                      cfg=torch.full((), velocity.cfg_strength, device=x0.device, dtype=x0.dtype))
         if self.cuda_graphs:
             out = self._graph(size, b, len(t), guided, inputs).run(**inputs)
         else:
@@ -335,12 +345,41 @@ class CompiledEngine(nn.Module):
         steps = self.condition(t[:-1])  # every step's conditioning at once: (steps, k, d) each
         d = self.step_dtype
         cond, text_emb, padding = cond.to(d), text_emb.to(d), Padding.of(lengths, x.shape[1])  # the same every step
+        split = guided and self._on_streams(b * x.shape[1])
+        if split:  # (conditioned, unconditioned) rows
+            branches = [(cond[rows], text_emb[rows], Padding(padding.mask[rows], padding.lengths[rows]))
+                        for rows in (slice(0, b), slice(b, None))]
         for i in range(len(t) - 1):
             condition = [c[i:i + 1] for c in steps]  # one row, broadcast over the batch
-            out = self._flow(torch.cat((x, x)) if guided else x, cond, text_emb, condition, padding).float()
-            v = out[:b] + (out[:b] - out[b:]) * cfg if guided else out
+            if split:
+                conditioned, unconditioned = self._on_two_streams(x, branches, condition)
+                v = conditioned + (conditioned - unconditioned) * cfg
+            else:
+                out = self._flow(torch.cat((x, x)) if guided else x, cond, text_emb, condition, padding).float()
+                v = out[:b] + (out[:b] - out[b:]) * cfg if guided else out
             x = x + (t[i + 1] - t[i]).to(x.dtype) * v
         return x
+
+    def _on_streams(self, frames: int) -> bool:
+        """Whether the guidance branches of `frames` frames each (rows x bucket) run on two CUDA
+        streams, each one's launch gaps and memory-bound passes overlapping the other's kernels.
+        ``auto`` does from BRANCH_STREAMS_FROM frames: below, kernels of half the rows lose more
+        than the overlap wins (H100, docs/performance.md)."""
+        if self.branch_stream is None:
+            return False
+        return self.branches == "streams" or frames >= BRANCH_STREAMS_FROM
+
+    def _on_two_streams(self, x, branches, condition) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step of each guidance branch, the second on the branch stream: fork, run, join."""
+        main, side = torch.cuda.current_stream(), self.branch_stream
+        side.wait_stream(main)
+        (cond, text_emb, padding), (cond_, text_emb_, padding_) = branches
+        first = self._flow(x, cond, text_emb, condition, padding).float()
+        with torch.cuda.stream(side):
+            second = self._flow(x, cond_, text_emb_, condition, padding_).float()
+        main.wait_stream(side)
+        second.record_stream(main)  # made on the side stream, read and freed on main
+        return first, second
 
     def _graph(self, size: int, b: int, steps: int, guided: bool, example: dict[str, torch.Tensor]) -> GraphedLoop:
         key = (size, b, steps, guided)
@@ -385,7 +424,8 @@ class CompiledBackend(Backend):
     engine_files = (WEIGHTS, COMPILE_CACHE)
 
     def default_flags(self) -> dict:
-        return {"buckets": list(BUCKETS), "cuda_graphs": True, "precision": "auto", "conv": "auto", "attention": "auto", "rope": "auto"}
+        return {"buckets": list(BUCKETS), "cuda_graphs": True, "precision": "auto", "conv": "auto", "attention": "auto", "rope": "auto",
+                "branches": "auto"}
 
     def convert(self, export_dir: Path, dtype, out: Path) -> dict:
         return EagerBackend().convert(export_dir, dtype, out)  # the same cast weights; compiling is the build
@@ -399,7 +439,7 @@ class CompiledBackend(Backend):
         if precision == "auto":
             precision = "mixed" if spec.dtype == "bf16" else "pure"
         return CompiledEngine(dit, tuple(flags["buckets"]), flags["cuda_graphs"], precision, flags.get("conv", "cudnn"),
-                              flags.get("attention", "masked"), flags.get("rope", "copy"))
+                              flags.get("attention", "masked"), flags.get("rope", "copy"), flags.get("branches", "batched"))
 
     def build(self, converted_dir: Path, spec: EngineSpec, out: Path) -> dict:
         """Compiles the step on the build's device (every shape the buckets need) and saves the

@@ -4,6 +4,7 @@ classifier-free guidance, text of 300 tokens, total lengths 1000 and 2000 frames
     python bench/engine_bench.py [--small] [--out results.json]
     python bench/engine_bench.py --compiled fp16 bf16 bf16,precision=pure --load-test fp16 bf16
     python bench/engine_bench.py --skip-eager --buckets 1024 2048 --profile --compiled fp16 fp16,conv=cudnn
+    python bench/engine_bench.py --compiled fp16 fp16,attention=padded --graph-only fp16,attention=padded
 
 Rows: the fp32 eager reference, eager fp16, the compiled engines (any build flags, e.g. bf16 in
 mixed and pure precision) with and without the CUDA graph of the loop; the vocoder alone; end to
@@ -188,6 +189,7 @@ def main() -> None:
     ap.add_argument("--compiled", nargs="+", default=["fp16", "bf16"],
                     help="compiled engines: DTYPE[,FLAG=VALUE...] over the backend's default build flags, e.g. bf16,precision=pure")
     ap.add_argument("--load-test", nargs="*", default=["fp16"], help="variants whose saved engine is loaded in a fresh process")
+    ap.add_argument("--graph-only", nargs="*", default=[], help="variants timed with their CUDA graph only (no launch-bound rows)")
     ap.add_argument("--buckets", type=int, nargs="+", help="the compiled engines' length buckets (default: the backend's)")
     ap.add_argument("--profile", action="store_true",
                     help="each compiled engine: a GPU kernel breakdown of one step, and the idle time of one graph replay")
@@ -291,7 +293,7 @@ def main() -> None:
                             profile_step(engine, n, device)
                         except Exception as e:  # a profiler hiccup must not cost the timings
                             print(f"  profile {n} frames FAILED: {type(e).__name__}: {e}", flush=True)
-            if device == "cuda":
+            if device == "cuda" and variant not in args.graph_only:
                 engine.cuda_graphs = False
                 run_row(f"compiled {variant} no graph", engine, dtype)
                 engine.cuda_graphs = True

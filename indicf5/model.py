@@ -72,6 +72,11 @@ def rotate_first_head(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> t
 # text
 
 
+def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (b, n, d) with the frames past each row's length (mask (b, n) False) set to 0."""
+    return x if mask is None else x.masked_fill(~mask[..., None], 0.0)
+
+
 class GRN(nn.Module):
     """Global response normalisation (ConvNeXt-V2), taken over the sequence axis."""
 
@@ -80,8 +85,8 @@ class GRN(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, n, d)
-        gx = torch.norm(x, p=2, dim=1, keepdim=True)  # (b, 1, d)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # (b, n, d)
+        gx = torch.norm(zero_padding(x, mask), p=2, dim=1, keepdim=True)  # (b, 1, d): each row's real frames
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         return self.gamma * (x * nx) + self.beta + x
 
@@ -95,9 +100,9 @@ class ConvNeXtV2Block(nn.Module):
         self.grn = GRN(hidden)
         self.pwconv2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, n, d)
-        h = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
-        h = self.pwconv2(self.grn(F.gelu(self.pwconv1(self.norm(h)))))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # (b, n, d)
+        h = self.dwconv(zero_padding(x, mask).transpose(1, 2)).transpose(1, 2)  # a row's end sees zeros, as alone
+        h = self.pwconv2(self.grn(F.gelu(self.pwconv1(self.norm(h))), mask))
         return x + h
 
 
@@ -108,16 +113,20 @@ class TextEmbedding(nn.Module):
         super().__init__()
         self.text_embed = nn.Embedding(vocab_size + 1, dim)  # row 0 is the filler token
         self.register_buffer("positions", text_position_table(dim, TEXT_MAX_POS), persistent=False)
-        self.text_blocks = nn.Sequential(*[ConvNeXtV2Block(dim, dim * 2) for _ in range(conv_layers)])
+        self.text_blocks = nn.ModuleList([ConvNeXtV2Block(dim, dim * 2) for _ in range(conv_layers)])
 
-    def forward(self, text: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """text: (b, nt) ids with -1 for batch padding (all -1 is the unconditional text)."""
+    def forward(self, text: torch.Tensor, seq_len: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """text: (b, nt) ids with -1 for batch padding (all -1 is the unconditional text). With
+        `mask` (b, seq_len), True on each row's first frames, every row comes out as embedded
+        alone at its own length (the convolutions and GRN see none of the rest), zero past it."""
         ids = (text + 1)[:, :seq_len]  # -1 -> filler 0; text longer than the audio is cut
         ids = F.pad(ids, (0, seq_len - ids.shape[1]), value=0)
         h = self.text_embed(ids)  # (b, n, text_dim)
         pos = torch.arange(seq_len, device=h.device).clamp(max=TEXT_MAX_POS - 1)
         h = h + self.positions[pos].to(h.dtype)
-        return self.text_blocks(h)
+        for block in self.text_blocks:
+            h = block(h, mask)
+        return zero_padding(h, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,9 +273,10 @@ class DiT(nn.Module):
         self.norm_out = AdaLayerNormFinal(c.dim)
         self.proj_out = nn.Linear(c.dim, c.mel_dim)
 
-    def embed_text(self, text: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """(b, nt) ids -> (b, seq_len, text_dim). Constant over the ODE steps: compute it once."""
-        return self.text_embed(text, seq_len)
+    def embed_text(self, text: torch.Tensor, seq_len: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, nt) ids -> (b, seq_len, text_dim), each row at its length if `mask` (b, seq_len)
+        says. Constant over the ODE steps: compute it once."""
+        return self.text_embed(text, seq_len, mask)
 
     def condition(self, time: torch.Tensor) -> list[torch.Tensor]:
         """All the step needs of the time: each block's (b, 6, d) modulation, then the final

@@ -12,6 +12,7 @@ model's dtype (a bf16 grid collapses adjacent steps).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Protocol
 
 import torch
@@ -26,7 +27,7 @@ class FlowModel(Protocol):
     An engine may also offer ``integrate(velocity, x0, t, on_step)``, its own run of `euler`, and
     ``state_dtype``, the dtype it wants the ODE state in (see `state_dtype`)."""
 
-    def embed_text(self, text: torch.Tensor, seq_len: int) -> torch.Tensor: ...
+    def embed_text(self, text: torch.Tensor, seq_len: int, mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def __call__(self, x, cond, text_emb, time, mask=None) -> torch.Tensor: ...
 
@@ -80,11 +81,9 @@ def fit_durations(durations: list[int], ref_lens: list[int], text_lens: list[int
 def embed_text_rows(model: FlowModel, text: torch.Tensor, durations: list[int], n: int) -> torch.Tensor:
     """(b, n, text_dim) text features, each row embedded at its own length and zero-padded to n,
     so a row's result does not depend on the rows batched with it (the text convolutions and
-    their global response norm see the whole row)."""
-    if len(set(durations)) == 1:
-        return model.embed_text(text, n)
-    rows = [model.embed_text(row[None], d)[0] for row, d in zip(text, durations)]
-    return pad_sequence(rows, batch_first=True)
+    their global response norm see the row's frames only)."""
+    mask = None if len(set(durations)) == 1 else lengths_to_mask(torch.tensor(durations, device=text.device), n)
+    return model.embed_text(text, n, mask)
 
 
 @dataclass
@@ -93,7 +92,8 @@ class GuidedVelocity:
 
     model: FlowModel
     cond: torch.Tensor  # (b, n, mel) reference mel, zero past each reference
-    text_emb: torch.Tensor  # (2b, n, text_dim): conditional rows, then unconditional rows
+    text: torch.Tensor  # (2b, nt) ids, -1 padded: conditional rows, then unconditional rows (all -1)
+    durations: list[int]  # frames of each text row
     cfg_strength: float
     mask: torch.Tensor | None = None  # (b, n)
 
@@ -103,7 +103,13 @@ class GuidedVelocity:
         mask = lengths_to_mask(torch.tensor(durations, device=cond.device), n) if len(durations) > 1 else None
         if cfg_strength >= 1e-5:  # guidance on: unconditional rows follow, their text all dropped (-1)
             text, durations = torch.cat((text, torch.full_like(text, -1))), durations * 2
-        return cls(model, cond, embed_text_rows(model, text, durations, n), cfg_strength, mask)
+        return cls(model, cond, text, durations, cfg_strength, mask)
+
+    @cached_property
+    def text_emb(self) -> torch.Tensor:
+        """(2b, n, text_dim) features of `text`, computed on first use: an engine that runs the whole
+        loop itself may embed the ids its own way instead (the compiled engine, inside its graph)."""
+        return embed_text_rows(self.model, self.text, self.durations, self.cond.shape[1])
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.cfg_strength < 1e-5:

@@ -31,13 +31,15 @@ def test_padding_to_a_bucket_does_not_change_the_result(checkpoint):
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
 
 
+@pytest.mark.parametrize("attention", ["padded", "rescaled"])
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_attention_by_lengths_keeps_rows_of_different_lengths_apart(checkpoint, device):
+def test_attention_by_lengths_keeps_rows_of_different_lengths_apart(checkpoint, device, attention):
     """The engine's attention by row lengths in a batch whose rows end at different frames inside
-    one bucket, as batched requests do. On CUDA it is cuDNN's padding mask in fp16, each row checked
-    against the same engine sampling it alone; on CPU, the op's SDPA fallback against the reference."""
+    one bucket, as batched requests do. On CUDA it is cuDNN's kernels in fp16 (the padding mask, or
+    the unmasked kernel on padding the rotary kernel cleared), each row checked against the same
+    engine sampling it alone; on CPU, the ops' CPU paths against the reference."""
     dtype = torch.float16 if device == "cuda" else torch.float32
-    engine = CompiledEngine(build_model(checkpoint, device, dtype), buckets=(128, 256), attention="padded")
+    engine = CompiledEngine(build_model(checkpoint, device, dtype), buckets=(128, 256), attention=attention)
     reference = engine if device == "cuda" else build_model(checkpoint)
     torch.manual_seed(2)
     conds = [torch.randn(1, 40, 100, device=device), torch.randn(1, 25, 100, device=device)]
@@ -85,9 +87,28 @@ def test_padded_attention_reads_strided_views_and_masks_by_length():
         assert rel_l2(got[row:row + 1, :n], sdpa_attend(q, k, v)) <= 1e-6
 
 
+def test_rescaled_attention_on_cleared_padding_is_the_padding_mask():
+    """rescaled_attention's contract: with k and v zero past each row's length, the unmasked
+    kernel's output rescaled by its log-sum-exp is exact attention by row lengths, also for a query
+    whose scores against every real key are far below 0 (Z_real << the padded keys' e^0 = 1 each)."""
+    from indicf5.backends.padded_attention import padded_attention, rescaled_attention
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 40, 3, 4, 16).unbind(2)
+    lengths = torch.tensor([40, 23], dtype=torch.int32)
+    q[1, 5] = -3 * k[1, :23].mean(0)  # row 1, query 5: scores of about -20 on every real key (by 3 * |mean k|^2 / 4)
+    real = (torch.arange(40)[None] < lengths[:, None])[..., None, None]
+    got = rescaled_attention(q, k.masked_fill(~real, 0.0), v.masked_fill(~real, 0.0), lengths)
+    want = padded_attention(q, k, v, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        assert rel_l2(got[row, :n], want[row, :n]) <= 1e-5, row
+    assert rel_l2(got[1, 5], want[1, 5]) <= 1e-3
+
+
 def test_engine_flags_that_cannot_run_here_say_so(checkpoint):
     for flags, match in (({"conv": "triton"}, "conv 'triton' needs a CUDA device"), ({"rope": "kernel"}, "rope 'kernel' needs a CUDA device"),
-                         ({"branches": "streams"}, "branches 'streams' needs a CUDA device")):
+                         ({"branches": "streams"}, "branches 'streams' needs a CUDA device"),
+                         ({"branches": "two"}, "build flag branches 'two' is not one of auto, streams, batched")):
         with pytest.raises(ValueError, match=match):
             CompiledEngine(build_model(checkpoint), buckets=(128,), **flags)
     if torch.cuda.is_available():  # the synthetic model's 4 channels a group do not fit the Triton kernel's tiles
@@ -166,21 +187,27 @@ from indicf5.model import rope_angles, rope_inv_freq, rotate_first_head
 torch.manual_seed(0)
 b, n, h, dh = 2, 76, 4, 16
 angles = rope_angles(n, rope_inv_freq(dh))
+lengths = torch.tensor([76, 45], dtype=torch.int32)  # a full row and a padded one
+real = (torch.arange(n)[None] < lengths[:, None])[..., None, None]
 for dtype in (torch.float32, torch.float16):
-    qkv = torch.randn(b, n, 3 * h * dh).to(dtype)
-    q, k, v = qkv.view(b, n, 3, h, dh).unbind(2)
-    want_q, want_k = rotate_first_head(q, k, angles)
-    got = qkv.clone()
-    rotate_first_head_(got, angles, h)
-    got_q, got_k, got_v = got.view(b, n, 3, h, dh).unbind(2)
-    err = max(float((g.float() - w.float()).abs().max()) for g, w in ((got_q, want_q), (got_k, want_k)))
-    print(str(dtype), err, int(torch.equal(got_v, v)))
+    for clear in (False, True):
+        qkv = torch.randn(b, n, 3 * h * dh).to(dtype)
+        q, k, v = qkv.view(b, n, 3, h, dh).unbind(2)
+        want_q, want_k = rotate_first_head(q, k, angles)
+        if clear:  # k and v zero past each row's length
+            want_k, v = want_k.masked_fill(~real, 0.0), v.masked_fill(~real, 0.0)
+        got = qkv.clone()
+        rotate_first_head_(got, angles, h, lengths if clear else None)
+        got_q, got_k, got_v = got.view(b, n, 3, h, dh).unbind(2)
+        err = max(float((g.float() - w.float()).abs().max()) for g, w in ((got_q, want_q), (got_k, want_k)))
+        print(str(dtype) + ("-clear" if clear else ""), err, int(torch.equal(got_v, v)))
 """
 
 
 def test_the_rotary_kernel_rotates_the_first_head_in_place():
     """rope_kernel.py's kernel, run by Triton's interpreter on the CPU: q's and k's first head
-    rotated where the projection left them, as the reference's copy does; v untouched."""
+    rotated where the projection left them, as the reference's copy does; v untouched, or, given
+    the rows' lengths, k and v zeroed past them."""
     import os
     import subprocess
     import sys
@@ -189,5 +216,6 @@ def test_the_rotary_kernel_rotates_the_first_head_in_place():
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     results = {dtype: (float(err), int(v_kept)) for dtype, err, v_kept in (line.split() for line in done.stdout.splitlines())}
-    assert results["torch.float32"][0] <= 1e-5 and results["torch.float16"][0] <= 1e-3, results
+    assert len(results) == 4, results
+    assert all(err <= (1e-5 if "float32" in dtype else 1e-3) for dtype, (err, _) in results.items()), results
     assert all(v_kept for _, v_kept in results.values()), results

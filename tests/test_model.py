@@ -8,8 +8,8 @@ from conftest import rel_l2
 from upstream import f5tts_base_kwargs, load
 
 from indicf5.config import ModelConfig
-from indicf5.model import DiT
-from indicf5.sampler import sample
+from indicf5.model import DiT, TextEmbedding
+from indicf5.sampler import lengths_to_mask, sample
 from indicf5.synthetic import random_transformer
 
 SIZES = [
@@ -71,6 +71,25 @@ def test_sampler_matches_upstream_cfm(nfe, frames, cfg):
     assert got.shape == expected.shape == (1, frames, 100)
     assert rel_l2(got, expected) <= 1e-4
     assert torch.equal(got[:, :50], cond)  # the reference frames are kept as they were
+
+
+def test_text_embedding_with_a_mask_embeds_each_row_as_alone():
+    """With a frame mask, a batch's text features are each row's own at its length (the depthwise
+    convolutions and GRN's norm over time see none of the padding), and zero past it."""
+    torch.manual_seed(0)
+    embed = TextEmbedding(50, 32, conv_layers=2).eval()
+    with torch.no_grad():
+        for weight in embed.parameters():  # GRN's gamma starts at 0, which would hide its norm
+            weight.normal_(0, 0.5)
+    text = torch.randint(0, 50, (2, 20))
+    text[1, 12:] = -1
+    lengths = [60, 35]
+    with torch.no_grad():
+        got = embed(text, 60, lengths_to_mask(torch.tensor(lengths), 60))
+        for row, n in enumerate(lengths):
+            assert rel_l2(got[row:row + 1, :n], embed(text[row:row + 1], n)) <= 1e-6, row
+            assert not got[row, n:].any(), row
+        assert rel_l2(embed(text, 60)[1, :35], got[1, :35]) > 1e-3  # unmasked, the padding does leak in
 
 
 def test_batch_rows_equal_single_rows():

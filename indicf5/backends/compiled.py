@@ -26,10 +26,12 @@ in half the time (docs/performance.md). On top of what Inductor fuses:
 - rotary positions (flag ``rope``): on CUDA (``auto``), a Triton kernel rotates q's and k's first
   head in place in the q|k|v buffer (rope_kernel.py; 2.5 us a layer instead of a 22 us copy);
   otherwise the reference's concatenation (``copy``);
-- attention (flag ``attention``): on CUDA with fp16/bf16 weights (``auto``), cuDNN's padding mask
-  reading each row's length from the device, on q, k and v where the projection left them
-  (padded_attention.py; 28% faster than SDPA with a key mask at 2048 frames); otherwise SDPA with
-  the key mask (``masked``);
+- attention (flag ``attention``), on q, k and v where the projection left them, exact by row
+  lengths either way (padded_attention.py): ``rescaled``, cuDNN's unmasked kernel over keys and
+  values zeroed past each row's length (the rotary kernel clears them in its pass), its output
+  rescaled by the log-sum-exp the kernel reports; ``padded``, cuDNN's padding mask reading each
+  row's length from the device (28% faster than SDPA with a key mask at 2048 frames); on CUDA with
+  fp16/bf16 weights ``auto`` is ``rescaled``; otherwise SDPA with the key mask (``masked``);
 - the position convolutions (flag ``conv``): on CUDA with fp16/bf16 weights (``auto``), one fused
   Triton kernel each (conv_kernel.py); otherwise cuDNN on channels-last data (``cudnn``);
 - the guidance branches (flag ``branches``): on CUDA (``auto``) from 2048 frames a branch (rows x
@@ -72,6 +74,8 @@ log = logging.getLogger(__name__)
 BUCKETS = (256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096)
 COMPILE_CACHE = "compile_cache.bin"
 BRANCH_STREAMS_FROM = 2048  # frames a guidance branch: see CompiledEngine._on_streams
+FLAG_VALUES = {"precision": ("pure", "mixed"), "conv": ("auto", "triton", "cudnn"), "attention": ("auto", "rescaled", "padded", "masked"),
+               "rope": ("auto", "kernel", "copy"), "branches": ("auto", "streams", "batched")}  # the engine's; "auto" precision is the backend's
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
@@ -191,28 +195,35 @@ class TritonConvPositionEmbedding(nn.Module):
 class EngineAttention(nn.Module):
     """The reference's self-attention (model.Attention) as the engine runs it: q, k and v from one
     matmul of the three weights stacked; rotary positions on the first head rotated in place by
-    rope_kernel.py (`rope_kernel`) or by the reference's copy; attention by cuDNN's padding mask
-    (padded_attention.py, `by_lengths`) or SDPA with the key mask."""
+    rope_kernel.py (`rope_kernel`) or by the reference's copy; attention (`attention`) by the
+    unmasked kernel on cleared padding (``rescaled``), cuDNN's padding mask (``padded``) or SDPA
+    with the key mask (``masked``)."""
 
-    def __init__(self, attn: model.Attention, dtype: torch.dtype, by_lengths: bool, rope_kernel: bool):
+    def __init__(self, attn: model.Attention, dtype: torch.dtype, attention: str, rope_kernel: bool):
         super().__init__()
         self.heads, self.dim_head = attn.heads, attn.dim_head
         self.qkv = CastLinear(torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)),
                               torch.cat((attn.to_q.bias, attn.to_k.bias, attn.to_v.bias)), dtype, upcast=False)
         self.to_out = attn.to_out
-        self.by_lengths, self.rope_kernel = by_lengths, rope_kernel
+        self.attention, self.rope_kernel = attention, rope_kernel
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, padding: Padding) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x)  # (b, n, 3 * h * dh), in the matmul's dtype
+        rescaled = self.attention == "rescaled"
         if self.rope_kernel:
             from indicf5.backends.rope_kernel import rotate_first_head_
 
-            rotate_first_head_(qkv, rope, self.heads)
+            rotate_first_head_(qkv, rope, self.heads, padding.lengths if rescaled else None)
         q, k, v = qkv.view(b, n, 3, self.heads, self.dim_head).unbind(2)  # (b, n, h, dh) each
         if not self.rope_kernel:
             q, k = model.rotate_first_head(q, k, rope)
-        if self.by_lengths:
+            if rescaled:
+                real = padding.mask[:, :, None, None]
+                k, v = k.masked_fill(~real, 0.0), v.masked_fill(~real, 0.0)
+        if rescaled:
+            h = padded_attention.rescaled_attention(q, k, v, padding.lengths)
+        elif self.attention == "padded":
             h = padded_attention.padded_attention(q, k, v, padding.lengths)
         else:
             h = model.sdpa_attend(q, k, v, padding.mask)
@@ -251,19 +262,22 @@ class CompiledEngine(nn.Module):
         super().__init__()
         device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
         on_gpu, low = device.type == "cuda", dtype != torch.float32
+        for flag, value in (("precision", precision), ("conv", conv), ("attention", attention), ("rope", rope), ("branches", branches)):
+            if value not in FLAG_VALUES[flag]:
+                raise ValueError(f"build flag {flag} {value!r} is not one of {', '.join(FLAG_VALUES[flag])}")
         for flag, value, fast in (("conv", conv, "triton"), ("rope", rope, "kernel")):
             if value == fast and not on_gpu:
                 raise ValueError(f"{flag} '{fast}' needs a CUDA device, not {device}; use {flag} 'auto'")
-        if attention == "padded" and on_gpu and not low:
-            raise ValueError("attention 'padded' runs cuDNN's fp16/bf16 kernel on CUDA; use attention 'auto' for fp32")
+        if attention in ("rescaled", "padded") and on_gpu and not low:
+            raise ValueError(f"attention '{attention}' runs cuDNN's fp16/bf16 kernel on CUDA; use attention 'auto' for fp32")
         if precision == "mixed":
             dit.float()  # the low-precision copies below are made from it exactly (its values are `dtype`'s)
         self.dit, self.buckets = dit, tuple(buckets)
         self.cuda_graphs = cuda_graphs and on_gpu
-        by_lengths = attention == "padded"
-        if attention == "auto" and on_gpu and low:
-            by_lengths = padded_attention.available()
-            if not by_lengths:
+        if attention == "auto":
+            cudnn_path = on_gpu and low
+            attention = "rescaled" if cudnn_path and padded_attention.available() else "masked"
+            if cudnn_path and attention == "masked":
                 log.warning("cuDNN's Python frontend is missing: attention falls back to a key mask (slower); %s",
                             padded_attention.INSTALL)
         rope_kernel = rope == "kernel" or (rope == "auto" and on_gpu)
@@ -272,7 +286,7 @@ class CompiledEngine(nn.Module):
         self.branches = branches
         self.branch_stream = torch.cuda.Stream(device) if on_gpu and branches != "batched" else None
         for block in dit.transformer_blocks:
-            block.attn = EngineAttention(block.attn, dtype, by_lengths, rope_kernel)
+            block.attn = EngineAttention(block.attn, dtype, attention, rope_kernel)
             first = block.ff.ff[0][0]
             block.ff.ff[0] = GeluLinear(first.weight, first.bias, dtype)
         first_conv = dit.input_embed.conv_pos_embed.conv1d[0]
@@ -310,8 +324,8 @@ class CompiledEngine(nn.Module):
 
     # --- FlowModel
 
-    def embed_text(self, text: torch.Tensor, seq_len: int) -> torch.Tensor:
-        return self.dit.embed_text(text, seq_len)  # once per utterance, at its true length
+    def embed_text(self, text: torch.Tensor, seq_len: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dit.embed_text(text, seq_len, mask)  # once per utterance, at its true length
 
     def forward(self, x, cond, text_emb, time, mask=None):
         b, n, _ = x.shape
@@ -321,14 +335,15 @@ class CompiledEngine(nn.Module):
         return self.step(pad(x), pad(cond), pad(text_emb), condition, row_lengths(mask, b, n, x.device))[:, :n]
 
     def integrate(self, velocity: GuidedVelocity, x0: torch.Tensor, t: torch.Tensor, on_step=None) -> torch.Tensor:
-        """The Euler loop of sampler.euler, on bucket-padded inputs, as one graph replay on CUDA."""
+        """The Euler loop of sampler.euler, on bucket-padded inputs, as one graph replay on CUDA;
+        the text is embedded in the loop's graph too (its ~60 small kernels otherwise launch one
+        by one while the GPU waits)."""
         b, n, _ = x0.shape
         size = bucket_for(n, self.buckets)
         guided = velocity.cfg_strength >= 1e-5
         lengths = row_lengths(velocity.mask, b, n, x0.device)
-        cond = torch.cat((velocity.cond, torch.zeros_like(velocity.cond))) if guided else velocity.cond
         pad = lambda t_: F.pad(t_, (0, 0, 0, size - n))  # noqa: E731
-        inputs = dict(x=pad(x0), cond=pad(cond), text_emb=pad(velocity.text_emb),
+        inputs = dict(x=pad(x0), cond=pad(velocity.cond), text=F.pad(velocity.text, (0, size - velocity.text.shape[1]), value=-1),
                       lengths=torch.cat((lengths, lengths)) if guided else lengths, t=t,
                       cfg=torch.full((), velocity.cfg_strength, device=x0.device, dtype=x0.dtype))
         if self.cuda_graphs:
@@ -340,12 +355,16 @@ class CompiledEngine(nn.Module):
                 on_step()
         return out[:, :n]
 
-    def _loop(self, guided: bool, x, cond, text_emb, lengths, t, cfg):
-        b = x.shape[0]
+    def _loop(self, guided: bool, x, cond, text, lengths, t, cfg):
+        """x, cond (b, N, mel) bucket-padded; text (rows, N) ids, -1 padded; lengths (rows,) of the
+        rows the step sees (b, or 2b with guidance: the unconditioned rows follow)."""
+        b, size = x.shape[:2]
         steps = self.condition(t[:-1])  # every step's conditioning at once: (steps, k, d) each
         d = self.step_dtype
-        cond, text_emb, padding = cond.to(d), text_emb.to(d), Padding.of(lengths, x.shape[1])  # the same every step
-        split = guided and self._on_streams(b * x.shape[1])
+        padding = Padding.of(lengths, size)  # the same every step
+        text_emb = self.dit.embed_text(text, size, padding.mask).to(d)  # each row at its own length
+        cond = (torch.cat((cond, torch.zeros_like(cond))) if guided else cond).to(d)  # guidance drops the audio condition
+        split = guided and self._on_streams(b * size)
         if split:  # (conditioned, unconditioned) rows
             branches = [(cond[rows], text_emb[rows], Padding(padding.mask[rows], padding.lengths[rows]))
                         for rows in (slice(0, b), slice(b, None))]
@@ -404,8 +423,8 @@ class CompiledEngine(nn.Module):
             return
         rows = 2 * batch if guided else batch
         for size in self.buckets:
-            x, cond, text_emb, _, lengths = self.example_inputs(rows, size)
-            example = dict(x=x[:batch], cond=cond, text_emb=text_emb, lengths=lengths,
+            x, cond, _, _, lengths = self.example_inputs(rows, size)
+            example = dict(x=x[:batch], cond=cond[:batch], text=torch.full((rows, size), -1, device=x.device), lengths=lengths,
                            t=torch.linspace(0, 1, steps + 1, device=x.device), cfg=torch.tensor(2.0, device=x.device))
             self._graph(size, batch, steps + 1, guided, example)
 

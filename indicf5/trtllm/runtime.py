@@ -35,8 +35,8 @@ class TrtllmEngine:
         dtype = next(iter(text.values())).dtype
         self.text_embed = self.text_embed.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
-    def embed_text(self, text: torch.Tensor, seq_len: int) -> torch.Tensor:
-        return self.text_embed(text, seq_len)
+    def embed_text(self, text: torch.Tensor, seq_len: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text_embed(text, seq_len, mask)
 
     def __call__(self, x, cond, text_emb, time, mask=None) -> torch.Tensor:
         b, n, _ = x.shape

@@ -7,11 +7,9 @@ the fp32 reference.
   (b, d, n) data with the transposes, the fused Triton kernel (conv_kernel.py) at several tiles.
 - Attention (16 heads of 64), per layer in a CUDA graph of 22: SDPA with the key-padding mask,
   cuDNN's padding mask (padded_attention.py) on contiguous q/k/v and on views of the q|k|v
-  buffer, the unmasked kernel on cleared padding rescaled by its log-sum-exp (the kernel with its
-  stats alone, and with the compiled rescaling), FA2 with per-row key lengths, the bias-channel
-  trick, and SDPA without a mask (the ceiling, not exact).
-- Rotary positions on the first head: the compiled copy against the in-place kernel (rope_kernel.py),
-  and the kernel that also clears the padding's k and v.
+  buffer, FA2 with per-row key lengths, the bias-channel trick, and SDPA without a mask (the
+  ceiling, not exact).
+- Rotary positions on the first head: the compiled copy against the in-place kernel (rope_kernel.py).
 
     python bench/kernel_bench.py [--frames 1024 2048] [--dtype fp16 bf16] [--only attention rope]
 """
@@ -30,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indicf5.backends import conv_kernel  # noqa: E402
 from indicf5.backends.rope_kernel import rotate_first_head_  # noqa: E402
-from indicf5.backends.padded_attention import attention_with_lse, padded_attention, rescaled_attention  # noqa: E402
+from indicf5.backends.padded_attention import padded_attention  # noqa: E402
 from indicf5.backends.compiled import ChannelsLastConvPositionEmbedding, Padding, TritonConvPositionEmbedding  # noqa: E402
 from indicf5.config import TORCH_DTYPES  # noqa: E402
 from indicf5.model import ConvPositionEmbedding, rope_angles, rope_inv_freq, rotate_first_head, sdpa_attend  # noqa: E402
@@ -81,8 +79,6 @@ def bench_attention(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64
     qd, kd, vd = (t.contiguous() for t in qkv_d.unbind(2))
     tokens = lambda t: t.flatten(0, 1)  # noqa: E731  (b * n, h, dh) views
     seq_starts = torch.arange(b + 1, device="cuda", dtype=torch.int32) * n
-    cleared = qkv_d.masked_fill(~mask[:, :, None, None, None], 0.0)  # k and v (and q: unused) zero on the padding
-    rescaled = torch.compile(rescaled_attention, dynamic=False)  # as the engine runs it: the rescaling fused by Inductor
 
     def bias_channel(width: int = 72):
         """Exact without a mask: q and k get one more channel, 1 on q and -30000 on padded keys (the
@@ -100,8 +96,6 @@ def bench_attention(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64
         "cudnn only, no mask (inexact)": lambda: only(SDPBackend.CUDNN_ATTENTION, qd, kd, vd),
         "padded (cudnn padding mask)": lambda: padded_attention(qd, kd, vd, lengths),
         "padded, on q|k|v views": lambda: padded_attention(*qkv_d.unbind(2), lengths),
-        "unmasked kernel + stats (inexact alone)": lambda: attention_with_lse(*qkv_d.unbind(2))[0],
-        "rescaled, cleared padding, on views": lambda: rescaled(qkv_d[:, :, 0], cleared[:, :, 1], cleared[:, :, 2], lengths),
         "flash varlen, seqused_k": lambda: torch.ops.aten._flash_attention_forward(
             tokens(qd), tokens(kd), tokens(vd), seq_starts, seq_starts, n, n, 0.0, False, False, seqused_k=lengths)[0].view(b, n, heads, -1),
         "bias channel, q/k 72 wide": bias_channel(),
@@ -119,18 +113,6 @@ def bench_attention(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64
     full = padded_attention(qd, kd, vd, torch.full((b,), n, device="cuda", dtype=torch.int32)).float()
     want_full = sdpa_attend(q, k, v)
     print(f"{dtype_name} {n:5} frames  attention padded, rows without padding: relL2 "
-          f"{float((full - want_full).norm() / want_full.norm()):.2e}", flush=True)
-    mixed = torch.tensor([n - padding, n // 2], device="cuda", dtype=torch.int32)  # rows of different lengths, as batched requests
-    real = lengths_to_mask(mixed, n)
-    want_mixed = sdpa_attend(q, k, v, real)
-    cleared_mixed = qkv_d.masked_fill(~real[:, :, None, None, None], 0.0)
-    for name, got in (("padded", padded_attention(*qkv_d.unbind(2), mixed)),
-                      ("rescaled", rescaled(qkv_d[:, :, 0], cleared_mixed[:, :, 1], cleared_mixed[:, :, 2], mixed))):
-        rel = max(float((got[row, :m].float() - want_mixed[row, :m]).norm() / want_mixed[row, :m].norm())
-                  for row, m in enumerate(mixed.tolist()))
-        print(f"{dtype_name} {n:5} frames  attention {name}, rows of {mixed.tolist()} frames: worst row relL2 {rel:.2e}", flush=True)
-    full = rescaled(qd, kd, vd, torch.full((b,), n, device="cuda", dtype=torch.int32)).float()
-    print(f"{dtype_name} {n:5} frames  attention rescaled, rows without padding: relL2 "
           f"{float((full - want_full).norm() / want_full.norm()):.2e}", flush=True)
 
 
@@ -151,10 +133,8 @@ def bench_rope(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64) -> 
     rotate_first_head_(rotated, angles, heads)
     got = rotated.view(2, n, 3, heads, dim_head).unbind(2)[:2]
     err = max(float((g.float() - w.float()).abs().max()) for g, w in zip(got, want))
-    lengths = torch.full((2,), n - 48, device="cuda", dtype=torch.int32)
     for name, fn in {"rope, compiled copy (before)": lambda: copy(qkv),
-                     "rope, in-place kernel": lambda: rotate_first_head_(qkv, angles, heads),
-                     "rope, in-place kernel clearing 48 padded": lambda: rotate_first_head_(qkv, angles, heads, lengths)}.items():
+                     "rope, in-place kernel": lambda: rotate_first_head_(qkv, angles, heads)}.items():
         print(f"{dtype_name} {n:5} frames  {name:44} {graph_ms(fn):7.4f} ms  max |diff| {err:.1e}", flush=True)
 
 

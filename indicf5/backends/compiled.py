@@ -3,7 +3,8 @@ whole NFE-step ODE loop captured in one CUDA graph per length bucket.
 
     request of n frames ─pad to bucket N (zeros), lengths = n─> compiled step, by row lengths:
         attention sees only each row's first n keys; the position convolutions zero the padding;
-        the text features are computed once at the true length (GRN sees no padding)
+        the text features are computed once a loop, each row masked to its n frames (the text
+        convolutions and GRN see no padding), inside the loop's graph
     ─> the first n frames, equal to the reference's (padding changes nothing)
 
 Engine files: ``model.safetensors`` (weights in the engine's dtype), ``compile_cache.bin``
@@ -26,12 +27,10 @@ in half the time (docs/performance.md). On top of what Inductor fuses:
 - rotary positions (flag ``rope``): on CUDA (``auto``), a Triton kernel rotates q's and k's first
   head in place in the q|k|v buffer (rope_kernel.py; 2.5 us a layer instead of a 22 us copy);
   otherwise the reference's concatenation (``copy``);
-- attention (flag ``attention``), on q, k and v where the projection left them, exact by row
-  lengths either way (padded_attention.py): ``rescaled``, cuDNN's unmasked kernel over keys and
-  values zeroed past each row's length (the rotary kernel clears them in its pass), its output
-  rescaled by the log-sum-exp the kernel reports; ``padded``, cuDNN's padding mask reading each
-  row's length from the device (28% faster than SDPA with a key mask at 2048 frames); on CUDA with
-  fp16/bf16 weights ``auto`` is ``rescaled``; otherwise SDPA with the key mask (``masked``);
+- attention (flag ``attention``): on CUDA with fp16/bf16 weights (``auto``), cuDNN's padding mask
+  reading each row's length from the device, on q, k and v where the projection left them
+  (padded_attention.py; 28% faster than SDPA with a key mask at 2048 frames); otherwise SDPA with
+  the key mask (``masked``);
 - the position convolutions (flag ``conv``): on CUDA with fp16/bf16 weights (``auto``), one fused
   Triton kernel each (conv_kernel.py); otherwise cuDNN on channels-last data (``cudnn``);
 - the guidance branches (flag ``branches``): on CUDA (``auto``) from 2048 frames a branch (rows x
@@ -74,7 +73,7 @@ log = logging.getLogger(__name__)
 BUCKETS = (256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096)
 COMPILE_CACHE = "compile_cache.bin"
 BRANCH_STREAMS_FROM = 2048  # frames a guidance branch: see CompiledEngine._on_streams
-FLAG_VALUES = {"precision": ("pure", "mixed"), "conv": ("auto", "triton", "cudnn"), "attention": ("auto", "rescaled", "padded", "masked"),
+FLAG_VALUES = {"precision": ("pure", "mixed"), "conv": ("auto", "triton", "cudnn"), "attention": ("auto", "padded", "masked"),
                "rope": ("auto", "kernel", "copy"), "branches": ("auto", "streams", "batched")}  # the engine's; "auto" precision is the backend's
 
 
@@ -195,35 +194,28 @@ class TritonConvPositionEmbedding(nn.Module):
 class EngineAttention(nn.Module):
     """The reference's self-attention (model.Attention) as the engine runs it: q, k and v from one
     matmul of the three weights stacked; rotary positions on the first head rotated in place by
-    rope_kernel.py (`rope_kernel`) or by the reference's copy; attention (`attention`) by the
-    unmasked kernel on cleared padding (``rescaled``), cuDNN's padding mask (``padded``) or SDPA
-    with the key mask (``masked``)."""
+    rope_kernel.py (`rope_kernel`) or by the reference's copy; attention by cuDNN's padding mask
+    (padded_attention.py, `by_lengths`) or SDPA with the key mask."""
 
-    def __init__(self, attn: model.Attention, dtype: torch.dtype, attention: str, rope_kernel: bool):
+    def __init__(self, attn: model.Attention, dtype: torch.dtype, by_lengths: bool, rope_kernel: bool):
         super().__init__()
         self.heads, self.dim_head = attn.heads, attn.dim_head
         self.qkv = CastLinear(torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)),
                               torch.cat((attn.to_q.bias, attn.to_k.bias, attn.to_v.bias)), dtype, upcast=False)
         self.to_out = attn.to_out
-        self.attention, self.rope_kernel = attention, rope_kernel
+        self.by_lengths, self.rope_kernel = by_lengths, rope_kernel
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, padding: Padding) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x)  # (b, n, 3 * h * dh), in the matmul's dtype
-        rescaled = self.attention == "rescaled"
         if self.rope_kernel:
             from indicf5.backends.rope_kernel import rotate_first_head_
 
-            rotate_first_head_(qkv, rope, self.heads, padding.lengths if rescaled else None)
+            rotate_first_head_(qkv, rope, self.heads)
         q, k, v = qkv.view(b, n, 3, self.heads, self.dim_head).unbind(2)  # (b, n, h, dh) each
         if not self.rope_kernel:
             q, k = model.rotate_first_head(q, k, rope)
-            if rescaled:
-                real = padding.mask[:, :, None, None]
-                k, v = k.masked_fill(~real, 0.0), v.masked_fill(~real, 0.0)
-        if rescaled:
-            h = padded_attention.rescaled_attention(q, k, v, padding.lengths)
-        elif self.attention == "padded":
+        if self.by_lengths:
             h = padded_attention.padded_attention(q, k, v, padding.lengths)
         else:
             h = model.sdpa_attend(q, k, v, padding.mask)
@@ -268,16 +260,16 @@ class CompiledEngine(nn.Module):
         for flag, value, fast in (("conv", conv, "triton"), ("rope", rope, "kernel")):
             if value == fast and not on_gpu:
                 raise ValueError(f"{flag} '{fast}' needs a CUDA device, not {device}; use {flag} 'auto'")
-        if attention in ("rescaled", "padded") and on_gpu and not low:
-            raise ValueError(f"attention '{attention}' runs cuDNN's fp16/bf16 kernel on CUDA; use attention 'auto' for fp32")
+        if attention == "padded" and on_gpu and not low:
+            raise ValueError("attention 'padded' runs cuDNN's fp16/bf16 kernel on CUDA; use attention 'auto' for fp32")
         if precision == "mixed":
             dit.float()  # the low-precision copies below are made from it exactly (its values are `dtype`'s)
         self.dit, self.buckets = dit, tuple(buckets)
         self.cuda_graphs = cuda_graphs and on_gpu
-        if attention == "auto":
-            cudnn_path = on_gpu and low
-            attention = "rescaled" if cudnn_path and padded_attention.available() else "masked"
-            if cudnn_path and attention == "masked":
+        by_lengths = attention == "padded"
+        if attention == "auto" and on_gpu and low:
+            by_lengths = padded_attention.available()
+            if not by_lengths:
                 log.warning("cuDNN's Python frontend is missing: attention falls back to a key mask (slower); %s",
                             padded_attention.INSTALL)
         rope_kernel = rope == "kernel" or (rope == "auto" and on_gpu)
@@ -286,7 +278,7 @@ class CompiledEngine(nn.Module):
         self.branches = branches
         self.branch_stream = torch.cuda.Stream(device) if on_gpu and branches != "batched" else None
         for block in dit.transformer_blocks:
-            block.attn = EngineAttention(block.attn, dtype, attention, rope_kernel)
+            block.attn = EngineAttention(block.attn, dtype, by_lengths, rope_kernel)
             first = block.ff.ff[0][0]
             block.ff.ff[0] = GeluLinear(first.weight, first.bias, dtype)
         first_conv = dit.input_embed.conv_pos_embed.conv1d[0]
@@ -325,7 +317,7 @@ class CompiledEngine(nn.Module):
     # --- FlowModel
 
     def embed_text(self, text: torch.Tensor, seq_len: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.dit.embed_text(text, seq_len, mask)  # once per utterance, at its true length
+        return self.dit.embed_text(text, seq_len, mask)
 
     def forward(self, x, cond, text_emb, time, mask=None):
         b, n, _ = x.shape

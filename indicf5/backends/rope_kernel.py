@@ -10,10 +10,6 @@ alone. The pairs rotate as in model.apply_rope, in fp32:
     (x[2i], x[2i+1]) <- (x[2i] cos a_i - x[2i+1] sin a_i,  x[2i+1] cos a_i + x[2i] sin a_i),
     a_i = position * inv_freq[i]
 
-Given the rows' lengths, the same pass also zeroes k and v of every padded token (all heads), as
-padded_attention.rescaled_attention needs them: the real tokens' k rotates, the padded ones'
-is cleared, so no element is written twice.
-
 Used by the compiled backend on CUDA (`rope: kernel`); CI checks it in Triton's interpreter.
 """
 
@@ -24,52 +20,34 @@ import triton
 import triton.language as tl
 
 BLOCK_TOKENS = 8  # tokens per program: many small programs keep every SM's loads in flight
-CLEAR_CHUNK = tl.constexpr(256)  # channels of k | v cleared per store (a constexpr: the kernel reads it)
 
 
 @triton.jit
-def _rotate_head(ptr, cos, sin, keep, BLOCK_T: tl.constexpr, HALF: tl.constexpr):
-    """Rotate the (BLOCK_T, 2 * HALF) head at ptr (row pointers) in place, pairs interleaved; only
-    the tokens `keep` (BLOCK_T,) are written."""
+def _rotate_head(ptr, cos, sin, BLOCK_T: tl.constexpr, HALF: tl.constexpr):
+    """Rotate the (BLOCK_T, 2 * HALF) head at ptr (row pointers) in place, pairs interleaved."""
     x = tl.load(ptr).to(tl.float32)
     even, odd = tl.split(tl.reshape(x, (BLOCK_T, HALF, 2)))
     rotated = tl.join(even * cos - odd * sin, odd * cos + even * sin)
-    tl.store(ptr, tl.reshape(rotated, (BLOCK_T, 2 * HALF)).to(ptr.dtype.element_ty), mask=keep[:, None])
+    tl.store(ptr, tl.reshape(rotated, (BLOCK_T, 2 * HALF)).to(ptr.dtype.element_ty))
 
 
 @triton.jit
-def _rotate_first_head_kernel(qkv_ptr, angles_ptr, lengths_ptr, n_frames, token_stride, k_offset, HALF: tl.constexpr,
-                              BLOCK_T: tl.constexpr, CLEAR_PADDING: tl.constexpr, KV_WIDTH: tl.constexpr):
+def _rotate_first_head_kernel(qkv_ptr, angles_ptr, n_frames, token_stride, k_offset, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # the grid covers the tokens exactly
-    position = tokens % n_frames
-    angle = tl.load(angles_ptr + position[:, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :])
+    angle = tl.load(angles_ptr + (tokens % n_frames)[:, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :])
     cos, sin = tl.cos(angle), tl.sin(angle)
     rows = qkv_ptr + tokens[:, None] * token_stride + tl.arange(0, 2 * HALF)[None, :]
-    real = position >= 0  # every token, unless the padding is cleared
-    if CLEAR_PADDING:
-        real = position < tl.load(lengths_ptr + tokens // n_frames)
-    _rotate_head(rows, cos, sin, position >= 0, BLOCK_T, HALF)  # q's first head
-    _rotate_head(rows + k_offset, cos, sin, real, BLOCK_T, HALF)  # k's
-    if CLEAR_PADDING:
-        if tl.min(real.to(tl.int32), 0) == 0:  # some token of this block is padding: zero its k and v
-            zeros = tl.zeros((BLOCK_T, CLEAR_CHUNK), dtype=qkv_ptr.dtype.element_ty)
-            for start in tl.static_range(0, KV_WIDTH, CLEAR_CHUNK):
-                channels = start + tl.arange(0, CLEAR_CHUNK)
-                tl.store(qkv_ptr + tokens[:, None] * token_stride + k_offset + channels[None, :], zeros,
-                         mask=~real[:, None] & (channels < KV_WIDTH)[None, :])
+    _rotate_head(rows, cos, sin, BLOCK_T, HALF)  # q's first head
+    _rotate_head(rows + k_offset, cos, sin, BLOCK_T, HALF)  # k's
 
 
 @torch.library.custom_op("indicf5::rotate_first_head_", mutates_args=("qkv",))
-def rotate_first_head_(qkv: torch.Tensor, angles: torch.Tensor, heads: int, lengths: torch.Tensor | None = None) -> None:
+def rotate_first_head_(qkv: torch.Tensor, angles: torch.Tensor, heads: int) -> None:
     """qkv (b, n, 3 * heads * dh) contiguous, q | k | v along the last axis; angles (n, dh) fp32
-    as model.rope_angles gives them. Rotates q's and k's first head in place; given lengths (b,)
-    int32, zeroes k and v of each row's tokens from its length on instead."""
+    as model.rope_angles gives them. Rotates q's and k's first head in place."""
     if not qkv.is_contiguous():
         raise ValueError("rotate_first_head_ needs the projection's contiguous (b, n, 3 * heads * dh) output")
     b, n, width = qkv.shape
     dim_head = angles.shape[-1]
     block = next(t for t in (BLOCK_TOKENS, 4, 2, 1) if (b * n) % t == 0)
-    clear = lengths is not None
-    _rotate_first_head_kernel[(b * n // block,)](qkv, angles.contiguous(), lengths.to(torch.int32) if clear else qkv, n, width,
-                                                 heads * dim_head, HALF=dim_head // 2, BLOCK_T=block, CLEAR_PADDING=clear,
-                                                 KV_WIDTH=2 * heads * dim_head)
+    _rotate_first_head_kernel[(b * n // block,)](qkv, angles.contiguous(), n, width, heads * dim_head, HALF=dim_head // 2, BLOCK_T=block)

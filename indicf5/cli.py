@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -196,8 +197,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def use_prefect_defaults() -> None:
+    """Settings Prefect reads when first imported; a user's own environment wins."""
+    # Without PREFECT_API_URL a build runs on Prefect's ephemeral API, which migrates a new database on its
+    # first start: 19-25 s on a 2-core machine, past Prefect's default 20 s wait, and the build then fails.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    use_prefect_defaults()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("indicf5").setLevel(logging.INFO)
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"

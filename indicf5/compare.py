@@ -120,7 +120,7 @@ def record_comparison(settings: Settings, comparison: Comparison) -> Comparison:
     if champion is not None:
         versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{champion.run_id}'")
         if versions:
-            version = max(versions, key=lambda v: int(v.version)).version
+            version = str(max(versions, key=lambda v: int(v.version)).version)
             client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
     comparison = comparison.model_copy(update={"champion_version": version})
     with mlflow.start_run(experiment_id=experiment, run_name=f"compare@{comparison.sha[:10]}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -109,3 +110,16 @@ def test_stray_characters_are_warned_about(cli_snapshot, tmp_path):
 def test_make_synthetic_refuses_to_overwrite(cli_snapshot):
     done = indicf5("make-synthetic", str(cli_snapshot))
     assert done.returncode == 2 and "--force" in done.stderr
+
+
+@pytest.mark.parametrize("users, expected", [(None, 120), ("7", 7)])
+def test_prefect_waits_long_enough_for_its_ephemeral_api_unless_the_user_says(users, expected):
+    # A fresh ephemeral API migrates its database first: 19-25 s on 2 cores, past Prefect's own 20 s default.
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    if users is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = users
+    script = ("import indicf5.cli; indicf5.cli.use_prefect_defaults(); "
+              "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; print(s.value())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == expected

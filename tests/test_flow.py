@@ -90,10 +90,12 @@ def test_sigkill_during_build_then_rerun_completes_from_cache(home, tmp_path):
     env = dict(os.environ, BUILD_STARTED=str(tmp_path / "started"))
     cmd = [sys.executable, "-c", KILL_DURING_BUILD, "build", "--synthetic", "--dtype", "fp32", "--bench-lengths", "120",
            "--nfe", "8", "--parity-nfe", "4"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     deadline = time.time() + 300
     while not (tmp_path / "started").exists():
-        assert proc.poll() is None and time.time() < deadline, "the build never reached build_engine"
+        assert proc.poll() is None and time.time() < deadline, \
+            f"the build never reached build_engine:\n{(tmp_path / 'stderr').read_text()[-3000:]}"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -237,3 +239,4 @@ def test_compare_from_the_command_line_crowns_the_fastest_engine(home, prefect_a
     fastest = min(summary.branches, key=lambda b: b.e2e_p50_ms["120"])
     assert f"Champion: **{fastest.backend}-{fastest.dtype}**" in out
     assert MlflowClient(Settings().tracking_uri).get_run(champion.run_id).data.tags["indicf5.dtype"] == fastest.dtype
+    assert f"alias champion -> version {champion.version}\n" in out

@@ -6,9 +6,9 @@ the fp32 reference.
   padding masked): cuDNN on channels-last data (with and without cudnn.benchmark), cuDNN on
   (b, d, n) data with the transposes, the fused Triton kernel (conv_kernel.py) at several tiles.
 - Attention (16 heads of 64), per layer in a CUDA graph of 22: SDPA with the key-padding mask,
-  cuDNN's padding mask (padded_attention.py) on contiguous q/k/v and on views of the q|k|v
-  buffer, FA2 with per-row key lengths, the bias-channel trick, and SDPA without a mask (the
-  ceiling, not exact).
+  the engine's Triton kernel (padded_attention.py) on contiguous q/k/v and on views of the q|k|v
+  buffer, and on the views at 24 tiles, FA2 with per-row key lengths, the bias-channel trick, and
+  SDPA (or cuDNN alone) without a mask (the ceiling, not exact).
 - Rotary positions on the first head: the compiled copy against the in-place kernel (rope_kernel.py).
 
     python bench/kernel_bench.py [--frames 1024 2048] [--dtype fp16 bf16] [--only attention rope]
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indicf5.backends import conv_kernel  # noqa: E402
 from indicf5.backends.rope_kernel import rotate_first_head_  # noqa: E402
-from indicf5.backends.padded_attention import padded_attention  # noqa: E402
+from indicf5.backends.padded_attention import attend, padded_attention  # noqa: E402
 from indicf5.backends.compiled import ChannelsLastConvPositionEmbedding, Padding, TritonConvPositionEmbedding  # noqa: E402
 from indicf5.config import TORCH_DTYPES  # noqa: E402
 from indicf5.model import ConvPositionEmbedding, rope_angles, rope_inv_freq, rotate_first_head, sdpa_attend  # noqa: E402
@@ -94,11 +94,13 @@ def bench_attention(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64
         "sdpa, key mask (before)": lambda: sdpa_attend(qd, kd, vd, mask),
         "sdpa, no mask (ceiling, inexact)": lambda: sdpa_attend(qd, kd, vd),
         "cudnn only, no mask (inexact)": lambda: only(SDPBackend.CUDNN_ATTENTION, qd, kd, vd),
-        "padded (cudnn padding mask)": lambda: padded_attention(qd, kd, vd, lengths),
+        "padded (the kernel)": lambda: padded_attention(qd, kd, vd, lengths),
         "padded, on q|k|v views": lambda: padded_attention(*qkv_d.unbind(2), lengths),
         "flash varlen, seqused_k": lambda: torch.ops.aten._flash_attention_forward(
             tokens(qd), tokens(kd), tokens(vd), seq_starts, seq_starts, n, n, 0.0, False, False, seqused_k=lengths)[0].view(b, n, heads, -1),
         "bias channel, q/k 72 wide": bias_channel(),
+        **{f"padded, views, {bm}x{bn} tiles {w}w {st}s": (lambda bm=bm, bn=bn, w=w, st=st: attend(*qkv_d.unbind(2), lengths, bm, bn, w, st))
+           for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)},
     }
     for name, fn in variants.items():
         try:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 
 # the packages whose versions an engine's build depends on, beside python and torch
-PACKAGES = ("tensorrt_llm", "tensorrt", "nvidia-cudnn-frontend", "triton", "vocos", "prefect", "mlflow")
+PACKAGES = ("tensorrt_llm", "tensorrt", "triton", "vocos", "prefect", "mlflow")
 
 
 class EnvironmentReport(BaseModel):

@@ -27,9 +27,9 @@ in half the time (docs/performance.md). On top of what Inductor fuses:
 - rotary positions (flag ``rope``): on CUDA (``auto``), a Triton kernel rotates q's and k's first
   head in place in the q|k|v buffer (rope_kernel.py; 2.5 us a layer instead of a 22 us copy);
   otherwise the reference's concatenation (``copy``);
-- attention (flag ``attention``): on CUDA with fp16/bf16 weights (``auto``), cuDNN's padding mask
-  reading each row's length from the device, on q, k and v where the projection left them
-  (padded_attention.py; 28% faster than SDPA with a key mask at 2048 frames); otherwise SDPA with
+- attention (flag ``attention``): on CUDA with fp16/bf16 weights (``auto``), a Triton flash-attention
+  kernel reading each row's length from the device, on q, k and v where the projection left them
+  (padded_attention.py; 35% less time than SDPA with a key mask at 2048 frames); otherwise SDPA with
   the key mask (``masked``);
 - the position convolutions (flag ``conv``): on CUDA with fp16/bf16 weights (``auto``), one fused
   Triton kernel each (conv_kernel.py); otherwise cuDNN on channels-last data (``cudnn``);
@@ -194,7 +194,7 @@ class TritonConvPositionEmbedding(nn.Module):
 class EngineAttention(nn.Module):
     """The reference's self-attention (model.Attention) as the engine runs it: q, k and v from one
     matmul of the three weights stacked; rotary positions on the first head rotated in place by
-    rope_kernel.py (`rope_kernel`) or by the reference's copy; attention by cuDNN's padding mask
+    rope_kernel.py (`rope_kernel`) or by the reference's copy; attention by row lengths
     (padded_attention.py, `by_lengths`) or SDPA with the key mask."""
 
     def __init__(self, attn: model.Attention, dtype: torch.dtype, by_lengths: bool, rope_kernel: bool):
@@ -261,17 +261,12 @@ class CompiledEngine(nn.Module):
             if value == fast and not on_gpu:
                 raise ValueError(f"{flag} '{fast}' needs a CUDA device, not {device}; use {flag} 'auto'")
         if attention == "padded" and on_gpu and not low:
-            raise ValueError("attention 'padded' runs cuDNN's fp16/bf16 kernel on CUDA; use attention 'auto' for fp32")
+            raise ValueError("attention 'padded' runs an fp16/bf16 kernel on CUDA; use attention 'auto' for fp32")
         if precision == "mixed":
             dit.float()  # the low-precision copies below are made from it exactly (its values are `dtype`'s)
         self.dit, self.buckets = dit, tuple(buckets)
         self.cuda_graphs = cuda_graphs and on_gpu
-        by_lengths = attention == "padded"
-        if attention == "auto" and on_gpu and low:
-            by_lengths = padded_attention.available()
-            if not by_lengths:
-                log.warning("cuDNN's Python frontend is missing: attention falls back to a key mask (slower); %s",
-                            padded_attention.INSTALL)
+        by_lengths = attention == "padded" or (attention == "auto" and on_gpu and low)
         rope_kernel = rope == "kernel" or (rope == "auto" and on_gpu)
         if branches == "streams" and not on_gpu:
             raise ValueError(f"branches 'streams' needs a CUDA device, not {device}; use branches 'auto'")

@@ -220,7 +220,8 @@ def test_the_rotary_kernel_rotates_the_first_head_in_place():
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_the_triton_kernels_compile_for_hopper(dtype):
-    """The three Triton kernels compile to sm_90 machine code at IndicF5's tiles, here without a GPU.
+    """The three Triton kernels compile to sm_90 machine code at IndicF5's tiles, here without a GPU,
+    and attention also for an RTX 3090 (sm_86, no TMA: Triton lowers the descriptors to loads).
     Triton's interpreter (the tests above) runs code its compiler refuses, such as a plain global
     read inside a kernel; this catches that before a device run does."""
     from triton import compile as triton_compile
@@ -239,12 +240,15 @@ def test_the_triton_kernels_compile_for_hopper(dtype):
                                 "n_frames": "i32", "dim": "i32", "KERNEL": "constexpr", "GROUPS": "constexpr", "CHANNELS": "constexpr",
                                 "BLOCK_T": "constexpr"},
                      constexprs={"KERNEL": 31, "GROUPS": 16, "CHANNELS": 64, "BLOCK_T": conv_kernel.BLOCK_FRAMES})
-    strides = ("n_frames", "heads", "stride_b", "stride_n", "stride_h", "o_stride_b", "o_stride_n", "o_stride_h")
+    q_tile, k_tile = (f"tensordesc<{dtype}[{rows},64]>" for rows in (padded_attention.BLOCK_QUERIES, padded_attention.BLOCK_KEYS))
     attention = ASTSource(fn=padded_attention._attention_kernel,
-                          signature={**{name: pointer for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}, "lengths_ptr": "*i32",
-                                     **{name: "i32" for name in strides}, "scale_log2": "fp32", "HEAD": "constexpr",
-                                     "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                          signature={"q_desc": q_tile, "k_desc": k_tile, "v_desc": k_tile, "o_ptr": pointer, "lengths_ptr": "*i32",
+                                     **{name: "i32" for name in ("n_frames", "heads", "o_stride_b", "o_stride_n", "o_stride_h")},
+                                     "scale_log2": "fp32", "HEAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
                           constexprs={"HEAD": 64, "BLOCK_M": padded_attention.BLOCK_QUERIES, "BLOCK_N": padded_attention.BLOCK_KEYS})
     for source, warps in ((rope, 4), (conv, conv_kernel.WARPS), (attention, padded_attention.WARPS)):
         compiled = triton_compile(source, target=hopper, options={"num_warps": warps})
         assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"], source.fn
+    assert "cp.async.bulk.tensor" in compiled.asm["ptx"]  # the last one, attention's: q, k and v tiles by TMA
+    ampere = triton_compile(attention, target=GPUTarget("cuda", 86, 32), options={"num_warps": padded_attention.WARPS})
+    assert ".target sm_86" in ampere.asm["ptx"] and "cp.async.bulk.tensor" not in ampere.asm["ptx"]  # no TMA there: plain loads

@@ -28,9 +28,9 @@ in half the time (docs/performance.md). On top of what Inductor fuses:
   head in place in the q|k|v buffer (rope_kernel.py; 2.5 us a layer instead of a 22 us copy);
   otherwise the reference's concatenation (``copy``);
 - attention (flag ``attention``): on CUDA with fp16/bf16 weights (``auto``), a Triton flash-attention
-  kernel reading each row's length from the device, on q, k and v where the projection left them
-  (padded_attention.py; 35% less time than SDPA with a key mask at 2048 frames); otherwise SDPA with
-  the key mask (``masked``);
+  kernel reading each row's length from the device, and q, k and v by TMA where the projection left
+  them (padded_attention.py; 37% less time than SDPA with a key mask at 2048 frames on an H200);
+  otherwise SDPA with the key mask (``masked``);
 - the position convolutions (flag ``conv``): on CUDA with fp16/bf16 weights (``auto``), one fused
   Triton kernel each (conv_kernel.py); otherwise cuDNN on channels-last data (``cudnn``);
 - the guidance branches (flag ``branches``): on CUDA (``auto``) from 2048 frames a branch (rows x

@@ -11,9 +11,12 @@ partial tile, and a query tile wholly past the length writes zeros and stops:
     s = q k^T / sqrt(dh),  m = running max of s,  l = running sum of exp(s - m),
     o = sum exp(s - m) v / l          (in log2 units: exp2, the scale folded into one FMA)
 
-q, k and v are read where the fused q|k|v projection left them (any token and head strides, each
-head's channels contiguous). On an H200 it takes 18% less time than cuDNN's padding-mask kernel
-at 1024 frames and 9% less at 2048, and unlike cuDNN's it puts no memset before it in the graph
+q, k and v are read by TMA (Hopper's tensor memory accelerator) in tiles of the (b * n, h * dh)
+token matrices the fused q|k|v projection leaves them in, one head of consecutive tokens a tile;
+a row's last key tile may reach into the next row's tokens, or past the end, which TMA fills with
+zeros, and the mask drops those keys. On an H200, fp16, a layer takes 23.4 / 82.2 us at 1024 / 2048
+frames, 4-6% less than the same kernel with pointer loads and 21% / 14% less than cuDNN's
+padding-mask kernel, and unlike cuDNN's it puts no memset before it in the graph
 (docs/performance.md). Queries past a row's length attend like the real ones; the caller masks
 those rows (as for the reference, their output is never used). Off CUDA the op is SDPA with the
 key mask, the reference's computation; CI runs the kernel in Triton's interpreter.
@@ -26,28 +29,27 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from indicf5.model import sdpa_attend
 from indicf5.sampler import lengths_to_mask
 
-# of 24 tiles on an H200, the fastest (or within 0.2% of it) at 1024 and 2048 frames, fp16 and bf16 (kernel_bench.py)
+# of 21 tiles on an H200, the fastest at 1024 and 2048 frames, fp16 and bf16 (kernel_bench.py)
 BLOCK_QUERIES, BLOCK_KEYS, WARPS, STAGES = 128, 64, 4, 3
 
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, k_tile, v_tile, start, length, stride_n, scale_log2, BLOCK_N: tl.constexpr, LAST: tl.constexpr):
-    """One key tile of the online softmax: acc, m_i, l_i updated for keys [start, start + BLOCK_N);
-    m_i in log2 units of the scaled scores."""
-    keys = start + tl.arange(0, BLOCK_N)
-    if LAST:  # the partial tile: keys past the length neither score nor read the padding's values
-        real = keys < length
-        k = tl.load(k_tile + start * stride_n, mask=real[None, :], other=0.0)
-        v = tl.load(v_tile + start * stride_n, mask=real[:, None], other=0.0)
-        s = tl.where(real[None, :], tl.dot(q, k), float("-inf"))
-    else:
-        k = tl.load(k_tile + start * stride_n)
-        v = tl.load(v_tile + start * stride_n)
-        s = tl.dot(q, k)
+def _attend_tile(q, acc, m_i, l_i, k_desc, v_desc, token, column, start, length, scale_log2, BLOCK_N: tl.constexpr,
+                 LAST: tl.constexpr):
+    """One key tile of the online softmax: acc, m_i, l_i updated for keys [start, start + BLOCK_N)
+    of the row whose first token is `token`; m_i in log2 units of the scaled scores."""
+    k = k_desc.load([token + start, column])  # (BLOCK_N, HEAD), by TMA
+    v = v_desc.load([token + start, column])
+    s = tl.dot(q, tl.trans(k))
+    if LAST:  # the partial tile: what lies past the length (padding, or the next row's first tokens) neither scores nor adds
+        real = start + tl.arange(0, BLOCK_N) < length
+        s = tl.where(real[None, :], s, float("-inf"))
+        v = tl.where(real[:, None], v, 0.0)  # p is 0 there, but 0 * NaN would not be
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
     p = tl.exp2(s * scale_log2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -56,8 +58,8 @@ def _attend_tile(q, acc, m_i, l_i, k_tile, v_tile, start, length, stride_n, scal
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lengths_ptr, n_frames, heads, stride_b, stride_n, stride_h, o_stride_b, o_stride_n,
-                      o_stride_h, scale_log2, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attention_kernel(q_desc, k_desc, v_desc, o_ptr, lengths_ptr, n_frames, heads, o_stride_b, o_stride_n, o_stride_h, scale_log2,
+                      HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile, row_head = tl.program_id(0), tl.program_id(1)
     row, head = row_head // heads, row_head % heads
     length = tl.load(lengths_ptr + row)
@@ -68,20 +70,26 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lengths_ptr, n_frames, heads, 
     if tile * BLOCK_M >= length:  # padding only
         tl.store(out, tl.zeros((BLOCK_M, HEAD), dtype=o_ptr.dtype.element_ty), mask=in_rows)
         return
-    base = row * stride_b + head * stride_h
-    q = tl.load(q_ptr + base + queries[:, None] * stride_n + dims[None, :], mask=in_rows, other=0.0)
-    keys = tl.arange(0, BLOCK_N)
-    k_tile = k_ptr + base + keys[None, :] * stride_n + dims[:, None]  # (HEAD, BLOCK_N): k transposed
-    v_tile = v_ptr + base + keys[:, None] * stride_n + dims[None, :]  # (BLOCK_N, HEAD)
+    token, column = row * n_frames, head * HEAD  # the tile's origin in the (b * n, h * dh) token matrices
+    q = q_desc.load([token + tile * BLOCK_M, column])
     acc = tl.zeros((BLOCK_M, HEAD), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     whole = length // BLOCK_N * BLOCK_N
     for start in range(0, whole, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_tile, v_tile, start, length, stride_n, scale_log2, BLOCK_N, False)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_desc, v_desc, token, column, start, length, scale_log2, BLOCK_N, False)
     if whole < length:
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_tile, v_tile, whole, length, stride_n, scale_log2, BLOCK_N, True)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_desc, v_desc, token, column, whole, length, scale_log2, BLOCK_N, True)
     tl.store(out, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=in_rows)
+
+
+def token_matrix(t: torch.Tensor, block_tokens: int) -> TensorDescriptor:
+    """A TMA descriptor of t (b, n, h, dh) as the (b * n, h * dh) matrix it is in memory, read in
+    (block_tokens, dh) tiles: one head of consecutive tokens."""
+    b, n, h, dh = t.shape
+    if t.stride(-1) != 1 or t.stride(2) != dh or t.stride(0) != n * t.stride(1):
+        raise ValueError(f"padded attention reads (b, n, h, dh) tensors whose tokens are rows of one matrix, not strides {t.stride()}")
+    return TensorDescriptor(t, [b * n, h * dh], [t.stride(1), 1], [block_tokens, dh])
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, block_queries: int = BLOCK_QUERIES,
@@ -89,13 +97,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
     """The kernel's launch (any tile, for kernel_bench.py): `padded_attention` on fp16/bf16 tensors
     of a device Triton runs on."""
     b, n, h, dh = q.shape
-    if k.stride() != q.stride() or v.stride() != q.stride() or q.stride(-1) != 1:
-        raise ValueError("padded attention needs q, k and v in one layout, each head's channels contiguous")
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     grid = (triton.cdiv(n, block_queries), b * h)
-    _attention_kernel[grid](q, k, v, out, lengths.to(torch.int32), n, h, q.stride(0), q.stride(1), q.stride(2), out.stride(0),
-                            out.stride(1), out.stride(2), dh ** -0.5 * math.log2(math.e), HEAD=dh, BLOCK_M=block_queries,
-                            BLOCK_N=block_keys, num_warps=warps, num_stages=stages)
+    _attention_kernel[grid](token_matrix(q, block_queries), token_matrix(k, block_keys), token_matrix(v, block_keys), out,
+                            lengths.to(torch.int32), n, h, out.stride(0), out.stride(1), out.stride(2), dh ** -0.5 * math.log2(math.e),
+                            HEAD=dh, BLOCK_M=block_queries, BLOCK_N=block_keys, num_warps=warps, num_stages=stages)
     return out
 
 

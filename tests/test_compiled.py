@@ -97,7 +97,8 @@ for row, length in enumerate(lengths.tolist()):
 def test_padded_attention_attends_each_row_to_its_length_only():
     """padded_attention.py's kernel, run by Triton's interpreter on the CPU, on the q|k|v views the
     engine hands it (fp16): each row's real queries match attention over that row alone, and
-    NaN in a row's padding changes nothing (its keys and values are never read)."""
+    NaN in a row's padding changes nothing (TMA reads the last key tile whole: its padded keys must
+    not score, and their values must be cleared before they are summed)."""
     import os
     import subprocess
     import sys
@@ -107,6 +108,16 @@ def test_padded_attention_attends_each_row_to_its_length_only():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines()]
     assert len(rows) == 2 and all(float(err) <= 1e-3 and finite == "1" for _, err, finite in rows), rows
+
+
+def test_padded_attention_refuses_a_layout_it_cannot_tile():
+    """The kernel reads tokens as rows of one matrix; heads-first tensors are refused with the
+    reason, before anything is launched."""
+    from indicf5.backends.padded_attention import attend
+
+    q = torch.zeros(2, 16, 4, 64, dtype=torch.float16).transpose(1, 2)  # (b, n, h, dh) view of heads-first memory
+    with pytest.raises(ValueError, match="tokens are rows of one matrix"):
+        attend(q, q, q, torch.full((2,), 4, dtype=torch.int32))
 
 
 def test_engine_flags_that_cannot_run_here_say_so(checkpoint):

@@ -16,7 +16,8 @@ bucket; CUDA graphs (captured here, per bucket) remove the launch gaps either wa
 What is compiled is one transformer block, reused by all 22 (regional compilation: the blocks
 share their code, their weights are inputs), and the input embedding. On an H100 this runs as
 fast as compiling the whole step as one graph, and builds in 13-25 s instead of 118 s and loads
-in half the time (docs/performance.md). On top of what Inductor fuses:
+in half the time (docs/performance.md). Inductor tunes the tiles of the kernels it generates while
+the engine is built (coordinate descent, INDUCTOR_OPTIONS). On top of what Inductor fuses:
 - the time conditioning (the timestep MLP and every block's AdaLN modulation: all the step needs
   of t) is computed for the whole time grid once before the loop, one small matmul per layer
   instead of a weight-bound matrix-vector product per layer and step;

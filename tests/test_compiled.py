@@ -123,7 +123,8 @@ def test_padded_attention_refuses_a_layout_it_cannot_tile():
 def test_engine_flags_that_cannot_run_here_say_so(checkpoint):
     for flags, match in (({"conv": "triton"}, "conv 'triton' needs a CUDA device"), ({"rope": "kernel"}, "rope 'kernel' needs a CUDA device"),
                          ({"branches": "streams"}, "branches 'streams' needs a CUDA device"),
-                         ({"branches": "two"}, "build flag branches 'two' is not one of auto, streams, batched")):
+                         ({"branches": "two"}, "build flag branches 'two' is not one of auto, streams, batched"),
+                         ({"tuning": "max"}, "build flag tuning 'max' is not one of none, coordinate-descent")):
         with pytest.raises(ValueError, match=match):
             CompiledEngine(build_model(checkpoint), buckets=(128,), **flags)
     if torch.cuda.is_available():  # the synthetic model's 4 channels a group do not fit the Triton kernel's tiles

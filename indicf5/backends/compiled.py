@@ -16,8 +16,7 @@ bucket; CUDA graphs (captured here, per bucket) remove the launch gaps either wa
 What is compiled is one transformer block, reused by all 22 (regional compilation: the blocks
 share their code, their weights are inputs), and the input embedding. On an H100 this runs as
 fast as compiling the whole step as one graph, and builds in 13-25 s instead of 118 s and loads
-in half the time (docs/performance.md). Inductor tunes the tiles of the kernels it generates while
-the engine is built (coordinate descent, INDUCTOR_OPTIONS). On top of what Inductor fuses:
+in half the time (docs/performance.md). On top of what Inductor fuses:
 - the time conditioning (the timestep MLP and every block's AdaLN modulation: all the step needs
   of t) is computed for the whole time grid once before the loop, one small matmul per layer
   instead of a weight-bound matrix-vector product per layer and step;
@@ -39,6 +38,10 @@ the engine is built (coordinate descent, INDUCTOR_OPTIONS). On top of what Induc
   so each one's launch gaps and memory-bound passes overlap the other's kernels (3% faster at 2000
   frames; at 1000 frames the half-size kernels lose more than that); otherwise one batch of both
   (``batched``); ``streams`` always splits.
+- Inductor's own tuning (flag ``tuning``): ``none`` by default; ``coordinate-descent`` tunes the
+  tiles of the kernels Inductor generates while the engine is built: the residual/norm passes 14%
+  faster, a 1000-frame replay 1.6% shorter on an H200, but the load tunes them again (27.6 s
+  instead of 15.6 s there, near the 30 s target), so it is a choice, not the default.
 
 Precision (flag ``precision``): the ODE state (x, the Euler updates) is always fp32. ``pure`` runs
 the whole step in the engine's dtype; ``mixed`` keeps the residual stream, norms and modulation in
@@ -73,12 +76,12 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096)
 COMPILE_CACHE = "compile_cache.bin"
-# Inductor tunes its generated kernels' tiles at build (cached with the engine): the residual/norm
-# passes 14% faster, a 1000-frame replay 1.6% shorter on an H200 (docs/performance.md)
-INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
+# flag `tuning`: what Inductor tunes of the kernels it generates, as torch.compile options
+INDUCTOR_OPTIONS = {"none": {}, "coordinate-descent": {"coordinate_descent_tuning": True}}
 BRANCH_STREAMS_FROM = 2048  # frames a guidance branch: see CompiledEngine._on_streams
 FLAG_VALUES = {"precision": ("pure", "mixed"), "conv": ("auto", "triton", "cudnn"), "attention": ("auto", "padded", "masked"),
-               "rope": ("auto", "kernel", "copy"), "branches": ("auto", "streams", "batched")}  # the engine's; "auto" precision is the backend's
+               "rope": ("auto", "kernel", "copy"), "branches": ("auto", "streams", "batched"),
+               "tuning": tuple(INDUCTOR_OPTIONS)}  # the engine's; "auto" precision is the backend's
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
@@ -254,11 +257,13 @@ class CompiledEngine(nn.Module):
     state_dtype = torch.float32  # the ODE state, whatever the engine computes in (see sampler.state_dtype)
 
     def __init__(self, dit: DiT, buckets: tuple[int, ...] = BUCKETS, cuda_graphs: bool = True, precision: str = "pure",
-                 conv: str = "auto", attention: str = "auto", rope: str = "auto", branches: str = "auto"):
+                 conv: str = "auto", attention: str = "auto", rope: str = "auto", branches: str = "auto",
+                 tuning: str = "none"):
         super().__init__()
         device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
         on_gpu, low = device.type == "cuda", dtype != torch.float32
-        for flag, value in (("precision", precision), ("conv", conv), ("attention", attention), ("rope", rope), ("branches", branches)):
+        for flag, value in (("precision", precision), ("conv", conv), ("attention", attention), ("rope", rope), ("branches", branches),
+                            ("tuning", tuning)):
             if value not in FLAG_VALUES[flag]:
                 raise ValueError(f"build flag {flag} {value!r} is not one of {', '.join(FLAG_VALUES[flag])}")
         for flag, value, fast in (("conv", conv, "triton"), ("rope", rope, "kernel")):
@@ -294,8 +299,8 @@ class CompiledEngine(nn.Module):
         self.step_dtype = dit.proj_out.bias.dtype if precision == "pure" else torch.float32  # what flows between the matmuls
         self.embed_dtype = dit.text_embed.text_embed.weight.dtype
         for block in dit.transformer_blocks:  # one compiled block serves all: the same code, weights as inputs
-            block.compile(dynamic=True, options=INDUCTOR_OPTIONS)
-        dit.input_embed.compile(dynamic=True, options=INDUCTOR_OPTIONS)
+            block.compile(dynamic=True, options=INDUCTOR_OPTIONS[tuning])
+        dit.input_embed.compile(dynamic=True, options=INDUCTOR_OPTIONS[tuning])
         self.graphs: dict[tuple, GraphedLoop] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
@@ -435,7 +440,7 @@ class CompiledBackend(Backend):
 
     def default_flags(self) -> dict:
         return {"buckets": list(BUCKETS), "cuda_graphs": True, "precision": "auto", "conv": "auto", "attention": "auto", "rope": "auto",
-                "branches": "auto"}
+                "branches": "auto", "tuning": "none"}
 
     def convert(self, export_dir: Path, dtype, out: Path) -> dict:
         return EagerBackend().convert(export_dir, dtype, out)  # the same cast weights; compiling is the build
@@ -449,7 +454,8 @@ class CompiledBackend(Backend):
         if precision == "auto":
             precision = "mixed" if spec.dtype == "bf16" else "pure"
         return CompiledEngine(dit, tuple(flags["buckets"]), flags["cuda_graphs"], precision, flags.get("conv", "cudnn"),
-                              flags.get("attention", "masked"), flags.get("rope", "copy"), flags.get("branches", "batched"))
+                              flags.get("attention", "masked"), flags.get("rope", "copy"), flags.get("branches", "batched"),
+                              flags.get("tuning", "none"))
 
     def build(self, converted_dir: Path, spec: EngineSpec, out: Path) -> dict:
         """Compiles the step on the build's device (every shape the buckets need) and saves the

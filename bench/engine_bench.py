@@ -5,12 +5,15 @@ classifier-free guidance, text of 300 tokens, total lengths 1000 and 2000 frames
     python bench/engine_bench.py --compiled fp16 bf16 bf16,precision=pure --load-test fp16 bf16
     python bench/engine_bench.py --skip-eager --buckets 1024 2048 --profile --compiled fp16 fp16,conv=cudnn
     python bench/engine_bench.py --compiled fp16 fp16,attention=padded --graph-only fp16,attention=padded
+    python bench/engine_bench.py --skip-eager --compiled fp16 fp16,tuning=coordinate-descent --interleaved
 
 Rows: the fp32 eager reference, eager fp16, the compiled engines (any build flags, e.g. bf16 in
 mixed and pure precision) with and without the CUDA graph of the loop; the vocoder alone; end to
 end (loop + vocoder). For each: p50 ms, achieved TFLOP/s of the loop against the bf16 matmul
 rate measured first, peak memory, relL2 of the mel against the fp32 reference; for a graph, also
-its replay alone (the rest of the loop column is sample()'s work around it). `--profile` adds a
+its replay alone (the rest of the loop column is sample()'s work around it); `--interleaved`
+times the engines' replays again at the end, taking turns, for differences below the ~1% that
+separates one process or machine from the next. `--profile` adds a
 kernel breakdown of one step and, for one replay, the GPU's idle time and where it falls. Also
 the load time of a saved compiled engine in a fresh process (a new compiler cache directory, so
 nothing but the engine's own artifacts can help it), and the error floor of each low precision:
@@ -36,7 +39,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indicf5.backends.base import EngineSpec  # noqa: E402
-from indicf5.backends.compiled import CompiledBackend, bucket_for  # noqa: E402
+from indicf5.backends.compiled import CompiledBackend, CompiledEngine, bucket_for  # noqa: E402
 from indicf5.config import TORCH_DTYPES, ModelConfig  # noqa: E402
 from indicf5.model import DiT  # noqa: E402
 from indicf5.sampler import sample  # noqa: E402
@@ -110,6 +113,16 @@ t3 = time.perf_counter()
 print(f"phases: cache artifacts {t1 - start:.1f} s, construct + warm-up (compile) {t2 - t1:.1f} s, graph capture {t3 - t2:.1f} s")
 print("inductor counters", dict(counters["inductor"]))
 print(f"LOAD_SECONDS {t3 - start:.2f}")
+for (size, *_), loop in sorted(engine.graphs.items()) if device == "cuda" else ():
+    if str(size) in sys.argv[3:]:  # the loaded engine's kernels (tuned or not) at the benchmark's buckets
+        loop.graph.replay()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(10):
+            loop.graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"loaded engine: replay of the {size}-frame bucket {begin.elapsed_time(end) / 10:.1f} ms")
 """
 
 
@@ -180,6 +193,25 @@ def profile_graph(engine, n: int, top: int = 8) -> None:
         print(f"    idle {us / 1e3:6.2f} ms after {key}", flush=True)
 
 
+def interleaved_replays(engines: dict[str, CompiledEngine], lengths: list[int], rounds: int = 12, replays: int = 5) -> dict:
+    """Median replay ms of each engine's graph at each length's bucket, the engines taking turns
+    round by round, so clock and thermal drift fall on all of them alike."""
+    times: dict[tuple[str, int], list[float]] = {(name, n): [] for name in engines for n in lengths}
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            for n in lengths:
+                graph = next(g.graph for (size, *_), g in engine.graphs.items() if size == bucket_for(n, engine.buckets))
+                graph.replay()
+                begin.record()
+                for _ in range(replays):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                times[(name, n)].append(begin.elapsed_time(end) / replays)
+    return {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="tiny dimensions (a CPU smoke run)")
@@ -195,6 +227,8 @@ def main() -> None:
                     help="each compiled engine: a GPU kernel breakdown of one step, and the idle time of one graph replay")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--skip-eager", action="store_true", help="compiled engines only")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="keep the compiled engines and, at the end, time their replays taking turns (a same-process A/B)")
     ap.add_argument("--no-vocoder", dest="vocoder", action="store_false")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -264,6 +298,7 @@ def main() -> None:
         del rounded
 
     backend = CompiledBackend()
+    kept: dict[str, CompiledEngine] = {}  # --interleaved: the engines whose replays take turns at the end
     with tempfile.TemporaryDirectory() as tmp:
         for i, variant in enumerate(args.compiled):
             torch._dynamo.reset()  # each engine compiles from scratch, and none fills another's recompile budget
@@ -304,17 +339,29 @@ def main() -> None:
                         profile_graph(engine, n)
                     except Exception as e:  # as above: the timings stand without it
                         print(f"  graph {n} frames FAILED: {type(e).__name__}: {e}", flush=True)
+            if args.interleaved and device == "cuda":
+                kept[variant] = engine
             del engine
             if variant not in args.load_test:
                 continue
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"fresh-cache-{i}"),
                        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-            done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(engine_dir), device], capture_output=True, text=True, env=env)
+            buckets = {str(bucket_for(n, tuple(spec.build_flags["buckets"]))) for n in args.lengths}  # replayed after the load
+            done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(engine_dir), device, *buckets],
+                                  capture_output=True, text=True, env=env)
             print(done.stdout, flush=True)
             load = [line for line in done.stdout.splitlines() if line.startswith("LOAD_SECONDS")]
             results.setdefault("load_seconds", {})[variant] = float(load[0].split()[1]) if load else done.stderr[-1500:]
             print(f"load of the saved {variant} engine in a fresh process (cold compiler cache): "
                   f"{results['load_seconds'][variant]} s", flush=True)
+
+    if kept:
+        medians = interleaved_replays(kept, args.lengths)
+        first = next(iter(kept))
+        for (variant, n), ms in medians.items():
+            results.setdefault("interleaved_replay_ms", {}).setdefault(variant, {})[n] = ms
+            print(f"interleaved replay {variant:40} {n:5} frames: {ms:7.2f} ms  ({ms / medians[(first, n)]:.4f} x {first})", flush=True)
+        kept.clear()
 
     for n in args.lengths if args.vocoder else ():
         frames = n - n // 3

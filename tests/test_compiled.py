@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import rel_l2
@@ -9,6 +13,14 @@ from conftest import rel_l2
 from indicf5.backends.compiled import CompiledBackend, CompiledEngine, bucket_for
 from indicf5.checkpoint import build_model
 from indicf5.sampler import sample
+
+
+def run_python(script: str, *args: str, **env: str) -> str:
+    """stdout of `script` in a fresh interpreter (its own Triton/Inductor state), `env` added."""
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def test_bucket_choice():
@@ -99,14 +111,8 @@ def test_padded_attention_attends_each_row_to_its_length_only():
     engine hands it (fp16): each row's real queries match attention over that row alone, and
     NaN in a row's padding changes nothing (TMA reads the last key tile whole: its padded keys must
     not score, and their values must be cleared before they are summed)."""
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", PADDED_ATTENTION_CHECK], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split() for line in done.stdout.splitlines()]
+    out = run_python(PADDED_ATTENTION_CHECK, TRITON_INTERPRET="1")
+    rows = [line.split() for line in out.splitlines()]
     assert len(rows) == 2 and all(float(err) <= 1e-3 and finite == "1" for _, err, finite in rows), rows
 
 
@@ -151,6 +157,47 @@ def test_build_saves_compiler_artifacts_and_loads(tmp_path, checkpoint):
     assert rel_l2(sample(engine, cond, text, [100], nfe=2, seed=0), sample(reference, cond, text, [100], nfe=2, seed=0)) <= 1e-5
 
 
+TUNED_BUILD_OR_LOAD = """
+import sys
+from pathlib import Path
+from torch._dynamo.utils import counters
+from indicf5.backends.base import read_spec
+from indicf5.backends.compiled import CompiledBackend
+stage, converted, engine_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+spec = read_spec(engine_dir)
+if stage == "build":
+    CompiledBackend().build(converted, spec, engine_dir)
+else:
+    CompiledBackend().load(engine_dir, spec, "cuda")
+print("COORDESC_BENCHMARKS", counters["inductor"]["coordesc_tuning_bench"])
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_tuned_engine_loads_without_tuning_again(tmp_path, checkpoint):
+    """`tuning: coordinate-descent` tunes Inductor's kernels at build; a fresh process (its own,
+    empty compiler cache) loading the engine reads the tuned configurations from its artifacts."""
+    from safetensors.torch import save_file
+
+    from indicf5.backends.base import ENGINE_SPEC, EngineSpec
+
+    backend = CompiledBackend()
+    converted, engine_dir = tmp_path / "converted", tmp_path / "engine"
+    converted.mkdir(), engine_dir.mkdir()
+    save_file({k: v.half().contiguous() for k, v in checkpoint.transformer.items()}, str(converted / "model.safetensors"))
+    spec = EngineSpec(backend="compiled", dtype="fp16", model=checkpoint.config,
+                      build_flags={**backend.default_flags(), "buckets": [256], "tuning": "coordinate-descent", "device": "cuda"})
+    (engine_dir / ENGINE_SPEC).write_text(spec.model_dump_json())
+
+    def benchmarks_run(stage: str) -> int:
+        out = run_python(TUNED_BUILD_OR_LOAD, stage, str(converted), str(engine_dir),
+                         TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"cache-{stage}"))
+        return int(out.split("COORDESC_BENCHMARKS")[-1])
+
+    assert benchmarks_run("build") > 0
+    assert benchmarks_run("load") == 0
+
+
 def test_mixed_precision_bf16_keeps_closer_to_fp32_than_pure_bf16(checkpoint):
     reference = build_model(checkpoint)
     cond, text = torch.randn(1, 60, 100), torch.randint(0, 100, (1, 50))
@@ -185,14 +232,8 @@ with torch.no_grad():
 
 def test_the_triton_position_convolution_computes_the_reference():
     """conv_kernel.py's kernel, run by Triton's interpreter on the CPU, as the engine calls it."""
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", TRITON_CONV_CHECK], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = dict(line.split() for line in done.stdout.splitlines())
+    out = run_python(TRITON_CONV_CHECK, TRITON_INTERPRET="1")
+    errors = dict(line.split() for line in out.splitlines())
     assert float(errors["torch.float32"]) <= 1e-5 and float(errors["torch.float16"]) <= 2e-3, errors
 
 
@@ -218,14 +259,8 @@ for dtype in (torch.float32, torch.float16):
 def test_the_rotary_kernel_rotates_the_first_head_in_place():
     """rope_kernel.py's kernel, run by Triton's interpreter on the CPU: q's and k's first head
     rotated where the projection left them, as the reference's copy does; v untouched."""
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", ROPE_KERNEL_CHECK], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = {dtype: (float(err), int(v_kept)) for dtype, err, v_kept in (line.split() for line in done.stdout.splitlines())}
+    out = run_python(ROPE_KERNEL_CHECK, TRITON_INTERPRET="1")
+    results = {dtype: (float(err), int(v_kept)) for dtype, err, v_kept in (line.split() for line in out.splitlines())}
     assert results["torch.float32"][0] <= 1e-5 and results["torch.float16"][0] <= 1e-3, results
     assert all(v_kept for _, v_kept in results.values()), results
 

@@ -39,9 +39,9 @@ in half the time (docs/performance.md). On top of what Inductor fuses:
   frames; at 1000 frames the half-size kernels lose more than that); otherwise one batch of both
   (``batched``); ``streams`` always splits.
 - Inductor's own tuning (flag ``tuning``): ``none`` by default; ``coordinate-descent`` tunes the
-  tiles of the kernels Inductor generates while the engine is built: the residual/norm passes 14%
-  faster, a 1000-frame replay 1.6% shorter on an H200, but the load tunes them again (27.6 s
-  instead of 15.6 s there, near the 30 s target), so it is a choice, not the default.
+  tiles of the kernels Inductor generates while the engine is built, and the tuned configurations
+  travel in the engine's cache artifacts, so a load does not tune again. On an H200 the replays it
+  gave were no faster (interleaved with untuned ones: 2% slower at 1000 frames, even at 2000).
 
 Precision (flag ``precision``): the ODE state (x, the Euler updates) is always fp32. ``pure`` runs
 the whole step in the engine's dtype; ``mixed`` keeps the residual stream, norms and modulation in
@@ -76,8 +76,11 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096)
 COMPILE_CACHE = "compile_cache.bin"
-# flag `tuning`: what Inductor tunes of the kernels it generates, as torch.compile options
-INDUCTOR_OPTIONS = {"none": {}, "coordinate-descent": {"coordinate_descent_tuning": True}}
+# flag `tuning`: what Inductor tunes of the kernels it generates, as torch.compile options. With
+# coordinate descent the static launcher stays off: torch 2.11 ignores a cached best config for a
+# statically launched single-config kernel (pytorch/pytorch#172819), so a load would tune again.
+INDUCTOR_OPTIONS = {"none": {},
+                    "coordinate-descent": {"coordinate_descent_tuning": True, "use_static_cuda_launcher": False}}
 BRANCH_STREAMS_FROM = 2048  # frames a guidance branch: see CompiledEngine._on_streams
 FLAG_VALUES = {"precision": ("pure", "mixed"), "conv": ("auto", "triton", "cudnn"), "attention": ("auto", "padded", "masked"),
                "rope": ("auto", "kernel", "copy"), "branches": ("auto", "streams", "batched"),

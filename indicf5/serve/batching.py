@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from indicf5.config import SamplingConfig
 from indicf5.serve.metrics import Metrics
-from indicf5.synth import Rendered, Row, Synthesizer
+from indicf5.synth import Row, Synthesizer
 
 log = logging.getLogger(__name__)
 

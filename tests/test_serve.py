@@ -162,7 +162,8 @@ def test_operations_endpoints(server):
 
 
 def test_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(engine, snapshot, tmp_path):
-    server = Server(engine, tmp_path / "home", "--max-queue", "1", "--max-batch", "1", env={"TTS_NFE": "256"})
+    # 1024 steps a request (~7 s here) so the running one outlasts the waiting client's 1.5 s by far
+    server = Server(engine, tmp_path / "home", "--max-queue", "1", "--max-batch", "1", env={"TTS_NFE": "1024"})
     try:
         ref_text = (snapshot / "reference.txt").read_text().strip()
         with (snapshot / "reference.wav").open("rb") as f:
@@ -179,6 +180,7 @@ def test_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(engine, 
             time.sleep(0.5)
             with pytest.raises(httpx.ReadTimeout):  # ... and leaves before its turn
                 httpx.post(f"{server.url}/v1/audio/speech", json={"input": TEXT, "voice": "test"}, timeout=1.0)
+            assert not running.done(), "the running request finished before the waiting client left: the test needs a longer request"
             deadline = time.monotonic() + 5
             while server.metric("indicf5_requests_cancelled_total") < 1 and time.monotonic() < deadline:
                 time.sleep(0.1)

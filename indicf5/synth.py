@@ -122,7 +122,8 @@ class Synthesizer:
         text = pad_sequence([r.ids for r in rows], batch_first=True, padding_value=-1).to(self.device)
         ref_lens = [r.cond.shape[0] for r in rows]
         mel = sample(self.model, cond, text, [r.frames for r in rows], ref_lens=ref_lens, nfe=sampling.nfe,
-                     cfg_strength=sampling.cfg_strength, sway_coef=sampling.sway_coef, seed=[r.seed for r in rows],
+                     cfg_strength=sampling.cfg_strength, sway_coef=sampling.sway_coef, schedule=sampling.schedule,
+                     seed=[r.seed for r in rows],
                      max_frames=sampling.max_frames, dtype=self.dtype, on_step=on_step)
         lengths = fit_durations([r.frames for r in rows], ref_lens, [len(r.ids) for r in rows], sampling.max_frames)
         out = []

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from indicf5.audio import prepare_reference, audio_bytes
 from indicf5.backends import read_spec
-from indicf5.config import SamplingConfig
+from indicf5.config import SamplingConfig, Schedule
 from indicf5.errors import InputError
 from indicf5.settings import Settings
 from indicf5.serve.batching import InferenceQueue, InferenceWorker, QueueFull
@@ -61,6 +61,7 @@ class ServerConfig(BaseSettings):
     max_text_chars: int = Field(2000, ge=1)
     max_upload_bytes: int = Field(10 * 2**20, ge=1)
     nfe: int = Field(32, ge=1, le=1024)
+    schedule: Schedule = Field("uniform", description="time grid of requests that name none (SamplingConfig)")
 
     def worker_devices(self) -> list[str]:
         if self.devices:
@@ -78,6 +79,7 @@ class SpeechRequest(BaseModel):
     speed: float = Field(1.0, ge=0.25, le=4.0)
     response_format: ResponseFormat = "wav"
     seed: int | None = Field(None, description="same seed, same audio")
+    schedule: Schedule | None = Field(None, description="time grid: uniform or epss (default: the server's)")
 
 
 class ApiError(Exception):
@@ -220,8 +222,8 @@ def create_app(engine_dir: Path, config: ServerConfig | None = None) -> FastAPI:
         return Response(body, media_type=media_type, headers={"X-Audio-Seconds": f"{len(speech.wave) / speech.sample_rate:.3f}",
                                                               "X-Sample-Rate": str(speech.sample_rate)})
 
-    def sampling_for(speed: float, seed: int | None) -> SamplingConfig:
-        return SamplingConfig(nfe=config.nfe, speed=speed, seed=seed)
+    def sampling_for(speed: float, seed: int | None, schedule: Schedule | None) -> SamplingConfig:
+        return SamplingConfig(nfe=config.nfe, speed=speed, seed=seed, schedule=schedule or config.schedule)
 
     # --- endpoints
 
@@ -231,19 +233,21 @@ def create_app(engine_dir: Path, config: ServerConfig | None = None) -> FastAPI:
         """Speech for `input` in a stored voice; `pcm` is raw 16-bit little-endian mono at 24 kHz."""
         check_text(body.input, "input")
         voice, audio = voices.get(body.voice)
-        return await speak(request, body.input, audio, voice.ref_text, sampling_for(body.speed, body.seed), body.response_format)
+        return await speak(request, body.input, audio, voice.ref_text, sampling_for(body.speed, body.seed, body.schedule),
+                           body.response_format)
 
     @app.post("/v1/synthesize", response_class=Response, tags=["speech"], dependencies=[multipart_body],
               responses={200: {"content": {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}}}})
     async def synthesize(request: Request, text: Annotated[str, Form()], ref_audio: Annotated[UploadFile, File()],
                          ref_text: Annotated[str, Form()], speed: Annotated[float, Form(ge=0.25, le=4.0)] = 1.0,
-                         seed: Annotated[int | None, Form()] = None, response_format: Annotated[ResponseFormat, Form()] = "wav"):
+                         seed: Annotated[int | None, Form()] = None, response_format: Annotated[ResponseFormat, Form()] = "wav",
+                         schedule: Annotated[Schedule | None, Form()] = None):
         """Speech for `text` in the voice of an uploaded reference clip and its transcript."""
         check_text(text, "text")
         check_text(ref_text, "ref_text")
         with tempfile.TemporaryDirectory() as tmp:
             path = await save_upload(ref_audio, Path(tmp))
-            return await speak(request, text, path, ref_text, sampling_for(speed, seed), response_format)
+            return await speak(request, text, path, ref_text, sampling_for(speed, seed, schedule), response_format)
 
     @app.get("/v1/voices", tags=["voices"])
     async def list_voices() -> list[Voice]:

@@ -40,6 +40,22 @@ def test_padding_to_a_bucket_does_not_change_the_result(checkpoint):
         assert rel_l2(got, want) <= 1e-5, n
 
 
+def test_both_schedules_run_on_one_compilation_and_match_the_reference(checkpoint):
+    """The time grid is an input of the engine's loop: epss after uniform at the same step count
+    compiles nothing new (and on CUDA replays the same captured graph, keyed by the step count)."""
+    reference = build_model(checkpoint)
+    engine = CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128,)))
+    torch.manual_seed(4)
+    cond, text = torch.randn(1, 30, 100), torch.randint(0, 100, (1, 25))
+    run = lambda model, schedule: sample(model, cond, text, [110], nfe=7, schedule=schedule, seed=2)  # noqa: E731
+    uniform = run(engine, "uniform")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        epss = run(engine, "epss")
+    assert rel_l2(uniform, run(reference, "uniform")) <= 1e-5
+    assert rel_l2(epss, run(reference, "epss")) <= 1e-5
+    assert rel_l2(epss, uniform) > 1e-3  # the grid did reach the loop
+
+
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
 
 

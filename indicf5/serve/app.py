@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from indicf5.audio import prepare_reference, audio_bytes
 from indicf5.backends import read_spec
-from indicf5.config import SamplingConfig
+from indicf5.config import SamplingConfig, Schedule
 from indicf5.errors import InputError
 from indicf5.settings import Settings
 from indicf5.serve.batching import InferenceQueue, InferenceWorker, QueueFull
@@ -63,6 +63,7 @@ class ServerConfig(BaseSettings):
     max_text_chars: int = Field(2000, ge=1)
     max_upload_bytes: int = Field(10 * 2**20, ge=1)
     nfe: int = Field(32, ge=1, le=1024)
+    schedule: Schedule = Field("uniform", description="time grid of requests that name none (SamplingConfig)")
 
     def worker_devices(self) -> list[str]:
         if self.devices:
@@ -80,6 +81,7 @@ class SpeechRequest(BaseModel):
     speed: float = Field(1.0, ge=0.25, le=4.0)
     response_format: ResponseFormat = "wav"
     seed: int | None = Field(None, description="same seed, same audio")
+    schedule: Schedule | None = Field(None, description="time grid: uniform or epss (default: the server's)")
 
 
 @dataclass
@@ -216,8 +218,8 @@ async def save_upload(upload: UploadFile, folder: Path, config: ServerConfig) ->
     return path
 
 
-def sampling_for(config: ServerConfig, speed: float, seed: int | None) -> SamplingConfig:
-    return SamplingConfig(nfe=config.nfe, speed=speed, seed=seed)
+def sampling_for(config: ServerConfig, speed: float, seed: int | None, schedule: Schedule | None = None) -> SamplingConfig:
+    return SamplingConfig(nfe=config.nfe, speed=speed, seed=seed, schedule=schedule or config.schedule)
 
 
 # --- speaking: prepare -> queue -> wait -> finish -> encode
@@ -269,7 +271,7 @@ async def audio_speech(request: Request, body: SpeechRequest):
     config = request.app.state.config
     check_text(body.input, "input", config)
     voice, audio = request.app.state.voices.get(body.voice)
-    sampling = sampling_for(config, body.speed, body.seed)
+    sampling = sampling_for(config, body.speed, body.seed, body.schedule)
     return await speak(request, body.input, audio, voice.ref_text, sampling, body.response_format)
 
 
@@ -277,7 +279,7 @@ async def audio_speech(request: Request, body: SpeechRequest):
              responses=AUDIO_RESPONSES)
 async def synthesize(request: Request, text: Annotated[str, Form()], ref_audio: Annotated[UploadFile, File()],
                      ref_text: Annotated[str, Form()], speed: Annotated[float, Form(ge=0.25, le=4.0)] = 1.0,
-                     seed: Annotated[int | None, Form()] = None,
+                     seed: Annotated[int | None, Form()] = None, schedule: Annotated[Schedule | None, Form()] = None,
                      response_format: Annotated[ResponseFormat, Form()] = "wav"):
     """Speech for `text` in the voice of an uploaded reference clip and its transcript."""
     config = request.app.state.config
@@ -285,7 +287,7 @@ async def synthesize(request: Request, text: Annotated[str, Form()], ref_audio: 
     check_text(ref_text, "ref_text", config)
     with tempfile.TemporaryDirectory() as tmp:
         path = await save_upload(ref_audio, Path(tmp), config)
-        return await speak(request, text, path, ref_text, sampling_for(config, speed, seed), response_format)
+        return await speak(request, text, path, ref_text, sampling_for(config, speed, seed, schedule), response_format)
 
 
 @router.get("/v1/voices", tags=["voices"])

@@ -23,6 +23,21 @@ def _make_synthetic(args) -> None:
     print(f"  reference: {out / 'reference.wav'} ({(out / 'reference.txt').read_text().strip()})")
 
 
+def _stream(synth, args, ref_text: str, sampling) -> None:
+    """WAV with a streaming header, written chunk by chunk as the text is rendered (`--out -`: stdout)."""
+    from indicf5.audio import pcm16, wav_stream_header
+
+    out = sys.stdout.buffer if str(args.out) == "-" else open(args.out, "wb")
+    try:
+        out.write(wav_stream_header(synth.mel_config.sample_rate))
+        for samples in synth.stream(args.text, args.ref_audio, ref_text, sampling):
+            out.write(pcm16(samples).tobytes())
+            out.flush()
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+
+
 def _synth(args) -> None:
     from indicf5.audio import write_wav
     from indicf5.config import SamplingConfig
@@ -41,6 +56,9 @@ def _synth(args) -> None:
     else:
         synth = Synthesizer.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, vocab=args.vocab,
                                             vocoder_dir=args.vocoder)
+    if args.stream:
+        _stream(synth, args, ref_text, sampling)
+        return
     speech = synth.synthesize(args.text, args.ref_audio, ref_text, sampling, progress=True)
     write_wav(args.out, speech.wave, speech.sample_rate)
     print(f"{args.out}: {len(speech.wave) / speech.sample_rate:.2f} s at {speech.sample_rate} Hz, {len(speech.chunks)} chunk(s)")
@@ -153,7 +171,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--text", required=True)
     s.add_argument("--ref-audio", required=True, type=Path)
     s.add_argument("--ref-text", help="transcript of the reference (default: the .txt beside --ref-audio)")
-    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--out", required=True, type=Path, help="the WAV to write; with --stream, - writes to stdout")
+    s.add_argument("--stream", action="store_true",
+                   help="write the audio as each text chunk is rendered (a WAV with a streaming header; the same samples)")
     s.add_argument("--vocab", type=Path, help="vocab.txt, when --checkpoint is a single file")
     s.add_argument("--vocoder", type=Path, help="local vocos directory, when the checkpoint bundles no vocoder")
     s.add_argument("--nfe", type=int, default=32)

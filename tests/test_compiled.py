@@ -314,3 +314,28 @@ def test_max_batch_follows_the_token_budget(checkpoint):
     engine = CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128, 256, 512), batch_sizes=(1, 2, 4, 8),
                                                                   max_tokens=1024))
     assert [engine.max_batch(n) for n in (100, 200, 500)] == [8, 4, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_shapes_serve_every_batch_without_capturing_again(checkpoint):
+    """After capture(max_batch=4), batches of 1 to 4 rows at any length and either schedule replay
+    what was captured (the counter stays), and each row equals the same engine sampling it alone."""
+    engine = CompiledEngine(build_model(checkpoint, "cuda", torch.float16), EngineFlags(buckets=(128, 256), batch_sizes=(1, 2, 4)))
+    with torch.inference_mode():
+        engine.capture(max_batch=4)
+    captured = engine.captures
+    assert captured == 2 * 3 and engine.graph_memory_bytes() > 0
+    torch.manual_seed(5)
+    frames = [150, 90, 200]
+    conds = [torch.randn(1, 30 + i, 100, device="cuda") for i in range(3)]
+    texts = [torch.randint(0, 100, (1, 20 + i), device="cuda") for i in range(3)]
+    cond = torch.nn.utils.rnn.pad_sequence([c[0] for c in conds], batch_first=True)
+    text = torch.nn.utils.rnn.pad_sequence([t[0] for t in texts], batch_first=True, padding_value=-1)
+    for schedule in ("uniform", "epss"):
+        together = sample(engine, cond, text, frames, ref_lens=[30, 31, 32], nfe=7, schedule=schedule, seed=[1, 2, 3],
+                          dtype=engine.state_dtype)
+        for row in range(3):
+            alone = sample(engine, conds[row], texts[row], [frames[row]], nfe=7, schedule=schedule, seed=row + 1,
+                           dtype=engine.state_dtype)
+            assert rel_l2(together[row:row + 1, :frames[row]], alone) <= 2e-3, (schedule, row)
+    assert engine.captures == captured

@@ -37,7 +37,7 @@ def test_the_fp8_linear_is_the_float_linear_within_the_rounding_of_its_operands(
     got = layer(x)
     assert got.shape == want.shape and 1e-4 < rel_l2(got, want) <= 0.05
     x_q, x_scale = fp8.quantize_rows(x.flatten(0, 1))  # exactly the quantized operands' product, plus the bias
-    exact = fp8.dequantize(x_q, x_scale) @ fp8.dequantize(layer.weight, layer.scale).t() + bias
+    exact = fp8.dequantize(x_q, x_scale) @ fp8.dequantize(layer.weight, layer.scale).t() + bias.to(torch.bfloat16).float()
     assert torch.allclose(got.flatten(0, 1), exact, rtol=1e-6, atol=1e-6)
     gelu = fp8.Fp8Linear.of(weight, bias, torch.float32, gelu=True)(x)
     assert torch.allclose(gelu, torch.nn.functional.gelu(got, approximate="tanh"), rtol=1e-6, atol=1e-6)
@@ -61,3 +61,33 @@ def test_fp8_is_refused_without_fp8_tensor_cores(checkpoint):
         CompiledEngine(build_model(checkpoint, "cpu", torch.float16), EngineFlags(buckets=(128,), precision="fp8"))
     with pytest.raises(ValueError, match="runs inside an fp16 or bf16 engine"):
         CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128,), precision="fp8"))
+
+
+CUDA_FP8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                              reason="needs FP8 tensor cores")
+
+
+@CUDA_FP8
+def test_the_fp8_gemm_is_its_emulation_on_the_gpu():
+    torch.manual_seed(2)
+    weight, bias = torch.randn(1024, 512, device="cuda") / 20, torch.randn(1024, device="cuda")
+    x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16)
+    layer = fp8.Fp8Linear.of(weight, bias, torch.bfloat16)
+    assert not layer.emulate
+    emulated = fp8.Fp8Linear.of(weight, bias, torch.bfloat16)
+    emulated.emulate = True
+    assert rel_l2(layer(x).float(), emulated(x).float()) <= 1e-2  # bf16 output rounding only
+
+
+@CUDA_FP8
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_fp8_engine_samples_close_to_its_precision(checkpoint, dtype):
+    from indicf5.sampler import sample
+
+    reference = build_model(checkpoint, "cuda")
+    engine = CompiledEngine(build_model(checkpoint, "cuda", dtype), EngineFlags(buckets=(256,), precision="fp8"))
+    torch.manual_seed(3)
+    cond, text = torch.randn(1, 60, 100, device="cuda"), torch.randint(0, 100, (1, 50), device="cuda")
+    want = sample(reference, cond, text, [200], nfe=8, seed=0)
+    got = sample(engine, cond, text, [200], nfe=8, seed=0, dtype=engine.state_dtype)
+    assert torch.isfinite(got).all() and rel_l2(got, want) <= 0.1, rel_l2(got, want)

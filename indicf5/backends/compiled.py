@@ -356,6 +356,7 @@ class CompiledEngine(nn.Module):
         self.flags, self.choice = flags, choice
         self.buckets, self.batch_sizes, self.max_tokens = flags.buckets, flags.batch_sizes, flags.max_tokens
         self.cuda_graphs = choice.cuda_graphs
+        dit.requires_grad_(False)  # an engine only infers: nothing may trace a backward through its kernels
         if choice.precision == "mixed":
             dit.float()  # the low-precision copies below are made from it exactly (its values are `dtype`'s)
         self.dit = dit
@@ -592,6 +593,14 @@ class CompiledEngine(nn.Module):
             for _ in range(count):
                 graphs.step.replay()
         return shape.x.clone()
+
+    def replay(self, size: int, rows: int, steps: int, guided: bool = True) -> None:
+        """The captured loop of a shape over whatever its buffers hold (benchmarks time this alone)."""
+        graphs = self._graphs_for(size, rows, guided)
+        graphs.embed.replay()
+        self._index.zero_()
+        for _ in range(min(steps, SCHEDULE_ROWS)):
+            graphs.step.replay()
 
     def capture(self, guided: bool = True, max_batch: int = 1) -> None:
         """Capture every shape of up to `max_batch` utterances now (at load), so that no request

@@ -50,14 +50,15 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
 
-def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
                emulate: bool = False) -> torch.Tensor:
-    """(x_q * x_scale) @ (w_q * w_scale)^T: x_q (M, K), x_scale (M, 1), w_q (N, K), w_scale (N, 1).
-    One rowwise-scaled FP8 GEMM (bf16 out), or with `emulate` the same quantized operands
-    multiplied in fp32 (for devices without FP8 tensor cores)."""
+    """(x_q * x_scale) @ (w_q * w_scale)^T + bias: x_q (M, K), x_scale (M, 1), w_q (N, K), w_scale (N, 1).
+    One rowwise-scaled FP8 GEMM with the bias in its epilogue (bf16 out), or with `emulate` the
+    same quantized operands multiplied in fp32 (for devices without FP8 tensor cores)."""
     if emulate:
-        return dequantize(x_q, x_scale) @ dequantize(w_q, w_scale).t()
-    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=torch.bfloat16)
+        return dequantize(x_q, x_scale) @ dequantize(w_q, w_scale).t() + bias.float()
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), bias=bias.to(torch.bfloat16),
+                            out_dtype=torch.bfloat16)
 
 
 class Fp8Linear(nn.Module):
@@ -70,7 +71,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight_q)
         self.register_buffer("scale", weight_scale.float().reshape(-1, 1))
-        self.register_buffer("bias", bias.detach().float())
+        self.register_buffer("bias", bias.detach().to(torch.bfloat16))
         self.out_dtype, self.gelu = out_dtype, gelu
         self.emulate = unsupported(weight_q.device) is not None
 
@@ -81,9 +82,9 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_q, x_scale = quantize_rows(x.flatten(0, -2))
-        y = fp8_matmul(x_q, x_scale, self.weight, self.scale, self.emulate).float() + self.bias
+        y = fp8_matmul(x_q, x_scale, self.weight, self.scale, self.bias, self.emulate)
         if self.gelu:
-            y = F.gelu(y, approximate="tanh")
+            y = F.gelu(y.float(), approximate="tanh")
         return y.to(self.out_dtype).unflatten(0, x.shape[:-1])
 
 

@@ -25,18 +25,18 @@ from typing import Annotated, Literal
 import torch
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from indicf5.audio import prepare_reference, audio_bytes
+from indicf5.audio import CrossFade, audio_bytes, pcm16, prepare_reference, wav_stream_header
 from indicf5.backends import read_spec
 from indicf5.config import SamplingConfig, Schedule
 from indicf5.errors import InputError
 from indicf5.settings import Settings
-from indicf5.serve.batching import InferenceQueue, InferenceWorker, QueueFull
+from indicf5.serve.batching import InferenceFailed, InferenceQueue, InferenceWorker, QueueFull
 from indicf5.serve.metrics import Metrics
 from indicf5.serve.middleware import BodyLimit, Measure, error_response
 from indicf5.serve.voices import UnknownVoice, Voice, VoiceExists, VoiceStore
@@ -82,6 +82,8 @@ class SpeechRequest(BaseModel):
     response_format: ResponseFormat = "wav"
     seed: int | None = Field(None, description="same seed, same audio")
     schedule: Schedule | None = Field(None, description="time grid: uniform or epss (default: the server's)")
+    stream: bool = Field(False, description="send the audio as each text chunk is rendered (chunked transfer; pcm or wav)")
+    stream_format: Literal["audio"] | None = Field(None, description="OpenAI's: raw audio bytes (server-sent events are not served)")
 
 
 @dataclass
@@ -91,19 +93,25 @@ class Engine:
     engine_dir: Path
     config: ServerConfig
     queue: InferenceQueue
+    metrics: Metrics
     synthesizers: list[Synthesizer] = field(default_factory=list)
     workers: list[InferenceWorker] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
 
     def load(self) -> None:
-        """Loads and warms an engine per device, then starts their workers (on a thread: /healthz answers meanwhile)."""
+        """Loads and warms an engine per device, captures every shape its batches can take, then
+        starts their workers (on a thread: /healthz answers meanwhile)."""
         try:
             for device in self.config.worker_devices():
                 synth = Synthesizer.from_engine(self.engine_dir, device=device, backend=self.config.backend)
                 warm_up(synth, self.config)
                 self.synthesizers.append(synth)
+            model = self.synthesizers[0].model
+            if hasattr(model, "max_batch"):  # the engine's token budget bounds a batch's rows at each length
+                self.queue.rows_for = model.max_batch
             self.queue.workers = len(self.synthesizers)
+            self.watch_after_ready()
             self.workers = [InferenceWorker(self.queue, s) for s in self.synthesizers]
             for w in self.workers:
                 w.start()
@@ -113,6 +121,18 @@ class Engine:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("loading the engine %s failed", self.engine_dir)
 
+    def watch_after_ready(self) -> None:
+        """The metrics of what the engines compile and capture from now on (nothing, when load did it all)."""
+        from torch._dynamo.utils import counters
+
+        models = [s.model for s in self.synthesizers]
+        captures = lambda: sum(getattr(m, "captures", 0) for m in models)  # noqa: E731
+        compiles = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+        captured, compiled = captures(), compiles()
+        self.metrics.captures_after_ready.set_function(lambda: captures() - captured)
+        self.metrics.compiles_after_ready.set_function(lambda: compiles() - compiled)
+        self.metrics.graph_memory.set_function(lambda: sum(m.graph_memory_bytes() for m in models if hasattr(m, "graph_memory_bytes")))
+
     def close(self) -> None:
         self.queue.close()
         for w in self.workers:
@@ -120,10 +140,14 @@ class Engine:
 
 
 def warm_up(synth: Synthesizer, config: ServerConfig) -> None:
-    """One guided utterance through the engine, so the first request pays no first-call costs."""
+    """One guided utterance through the engine, so the first request pays no first-call costs, and
+    an engine that captures its shapes captures every one of up to max_batch_rows utterances."""
     n_mels = synth.mel_config.n_mels
     row = Row(torch.zeros(64, n_mels, device=synth.device), torch.zeros(16, dtype=torch.long), 160, 64, 0)
     synth.render([row], SamplingConfig(nfe=config.nfe))
+    if hasattr(synth.model, "capture"):
+        with torch.inference_mode():
+            synth.model.capture(max_batch=config.max_batch_rows)
 
 
 # --- errors: always JSON (middleware.error_response), counted by Measure
@@ -241,20 +265,60 @@ async def speak(request: Request, text: str, ref_audio: Path, ref_text: str, sam
                                                           "X-Sample-Rate": str(speech.sample_rate)})
 
 
-async def wait_for(future, request: Request, timeout_s: float):
-    """The job's result; cancels it (freeing its queue slot) when the client leaves or time runs out."""
+async def wait_for(future, request: Request | None, timeout_s: float):
+    """The job's result; cancels it (freeing its queue slot) when the client leaves or time runs out.
+    Without `request` only the time is watched (a stream's body: Starlette cancels it when the client leaves)."""
     waiting = asyncio.wrap_future(future)
     deadline = time.monotonic() + timeout_s
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=min(0.1, max(0.0, deadline - time.monotonic())))
         if done:
             return waiting.result()
-        if await request.is_disconnected():
+        if request is not None and await request.is_disconnected():
             future.cancel()
             raise ApiError(499, "client closed the request")
         if time.monotonic() >= deadline:
             future.cancel()
             raise ApiError(504, f"no result within {timeout_s:g} s; the server is busy, retry later")
+
+
+async def speak_stream(request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig,
+                       fmt: str) -> StreamingResponse:
+    """`speak`'s audio as it is rendered: the first chunk queued alone, the rest as one job that
+    follows it, each chunk's final samples sent as soon as it is vocoded (the same samples as
+    the whole response: audio.CrossFade)."""
+    if fmt not in ("pcm", "wav"):
+        raise ApiError(422, f"invalid request: response_format {fmt!r} cannot stream; stream pcm or wav")
+    state = request.app.state
+    synth = require_ready(state.engine)
+    utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
+    futures = []
+    try:
+        futures.append(state.queue.submit(utterance.rows[:1], sampling))
+        if len(utterance.rows) > 1:
+            futures.append(state.queue.submit(utterance.rows[1:], sampling, after=futures[0]))
+    except QueueFull as e:
+        for future in futures:
+            future.cancel()
+        raise ApiError(429, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+    rate, deadline = synth.mel_config.sample_rate, time.monotonic() + state.config.request_timeout_s
+    scale, joiner = synth.loudness_scale(utterance, sampling), CrossFade(rate, sampling.cross_fade_s)
+
+    async def audio():
+        try:
+            if fmt == "wav":
+                yield wav_stream_header(rate)
+            for future in futures:
+                for rendered in await wait_for(future, None, max(0.0, deadline - time.monotonic())):
+                    yield pcm16(joiner.push(rendered.wave * scale)).tobytes()
+            yield pcm16(joiner.close()).tobytes()
+        except (ApiError, InferenceFailed) as e:  # the status is sent already: the stream ends short
+            log.warning("stream ended early: %s", e)
+        finally:
+            for future in futures:
+                future.cancel()
+
+    return StreamingResponse(audio(), media_type=AUDIO_FORMATS[fmt][1], headers={"X-Sample-Rate": str(rate)})
 
 
 # --- routes
@@ -272,7 +336,8 @@ async def audio_speech(request: Request, body: SpeechRequest):
     check_text(body.input, "input", config)
     voice, audio = request.app.state.voices.get(body.voice)
     sampling = sampling_for(config, body.speed, body.seed, body.schedule)
-    return await speak(request, body.input, audio, voice.ref_text, sampling, body.response_format)
+    respond = speak_stream if body.stream else speak
+    return await respond(request, body.input, audio, voice.ref_text, sampling, body.response_format)
 
 
 @router.post("/v1/synthesize", response_class=Response, tags=["speech"], dependencies=[multipart_body],
@@ -352,7 +417,7 @@ def create_app(engine_dir: Path, config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="IndicF5 TTS", version="0.1.0", lifespan=lifespan,
                   description="Speech in the voice of a reference clip, from a built IndicF5 engine.")
     app.state.config, app.state.metrics, app.state.queue = config, metrics, queue
-    app.state.engine = Engine(Path(engine_dir), config, queue)
+    app.state.engine = Engine(Path(engine_dir), config, queue, metrics)
     app.state.voices = VoiceStore(config.voices_dir or Settings().store_root / "voices")
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes + 2**16)  # the upload plus its form fields

@@ -91,7 +91,7 @@ EXPORT = Stage(
 )
 
 
-# --- convert and build, per (backend, dtype)
+# --- convert and build, per (backend, dtype) (runbook steps 4 and 5; step 3 inside the trtllm build)
 
 
 def _convert_inputs(export: Manifest, backend: str, dtype: DType) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def _build(out: Path, convert: Manifest, export: Manifest, backend: str, dtype: 
 BUILD = Stage("build", inputs=_build_inputs, make=_build)
 
 
-# --- verify parity against the fp32 reference
+# --- verify parity against the fp32 reference (runbook step 6, checked)
 
 
 def _verify_inputs(engine: Manifest, export: Manifest, config: ParityConfig, device: str) -> dict[str, Any]:
@@ -147,7 +147,7 @@ def _verify(out: Path, engine: Manifest, export: Manifest, config: ParityConfig,
 VERIFY = Stage("verify", inputs=_verify_inputs, make=_verify)
 
 
-# --- benchmark, with a sample utterance and the figures
+# --- benchmark, with a sample utterance and the figures (runbook step 6, timed)
 
 
 def _benchmark_inputs(engine: Manifest, config: BenchmarkConfig, environment: EnvironmentReport) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """The convolutional position embedding's grouped convolution + Mish as one Triton kernel.
 
 cuDNN runs IndicF5's grouped convolution (16 groups of 64 channels, kernel 31, on channels-last
-fp16) as one sm80 convolution per group plus channel-slicing copies: 1.1 ms of a 3.4 ms step on
-an H100 for 17 GFLOP (docs/performance.md). Per group it is an implicit GEMM: for each of the
-31 taps, the (frames x 64) input shifted by the tap times the tap's (64 x 64) weights, summed in
+fp16) as one sm80 convolution per group plus channel-slicing copies, far below the GPU's matmul
+rate (docs/performance.md has the numbers). Per group it is an implicit GEMM: for each of the 31
+taps, the (frames x 64) input shifted by the tap times the tap's (64 x 64) weights, summed in
 fp32 registers. The row's padding (zero input past its length, zero output there), the bias and
 Mish are fused, so the two convolutions of the embedding are two launches:
 

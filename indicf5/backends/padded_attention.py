@@ -3,7 +3,7 @@ device, so a row attends to exactly its real keys, with no mask tensor and no wo
 padding, and one CUDA graph serves every length in a bucket.
 
 The compiled engine pads a request of n frames to its bucket N. SDPA with a (b, 1, 1, N) boolean
-key mask reads a bias for every score, at about 60% of the unmasked rate on an H100. This kernel
+key mask reads a bias for every score and does full work on the padded keys. This kernel
 is a flash-attention forward (online softmax, fp32 accumulators), one program per (query tile,
 row x head); a program walks its row's key tiles up to the row's length, masks only the last,
 partial tile, and a query tile wholly past the length writes zeros and stops:
@@ -14,10 +14,10 @@ partial tile, and a query tile wholly past the length writes zeros and stops:
 q, k and v are read by TMA (Hopper's tensor memory accelerator) in tiles of the (b * n, h * dh)
 token matrices the fused q|k|v projection leaves them in, one head of consecutive tokens a tile;
 a row's last key tile may reach into the next row's tokens, or past the end, which TMA fills with
-zeros, and the mask drops those keys. On an H200, fp16, a layer takes 23.4 / 82.2 us at 1024 / 2048
-frames, 4-6% less than the same kernel with pointer loads and 21% / 14% less than cuDNN's
-padding-mask kernel, and unlike cuDNN's it puts no memset before it in the graph
-(docs/performance.md). Queries past a row's length attend like the real ones; the caller masks
+zeros, and the mask drops those keys. TMA tiles are faster than pointer loads here, and unlike
+cuDNN's padding-mask kernel this one puts no memset node before it in the CUDA graph, where the
+GPU would sit idle around it (measurements and the alternatives tried: docs/performance.md,
+"Design decisions"). Queries past a row's length attend like the real ones; the caller masks
 those rows (as for the reference, their output is never used). Off CUDA the op is SDPA with the
 key mask, the reference's computation; CI runs the kernel in Triton's interpreter.
 """
@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from indicf5.model import sdpa_attend
 from indicf5.sampler import lengths_to_mask
 
-# of 24 tiles on an H200 (kernel_bench.py), the fastest at 1024 and 2048 frames in fp16 and bf16, or within 1.2% of it
+# the fastest of the tiles timed by kernel_bench.py at 1024 and 2048 frames, fp16 and bf16 (docs/performance.md)
 BLOCK_QUERIES, BLOCK_KEYS, WARPS, STAGES = 128, 64, 4, 3
 
 

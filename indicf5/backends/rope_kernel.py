@@ -2,7 +2,7 @@
 
 F5TTS_Base rotates only head 0 of q and k (model.rotate_first_head). Written as torch ops, the
 rotation concatenates the rotated head with the other 15, so every step copies all of q and k
-(0.5 ms of a 7 ms step at 2000 frames on an H100); assigning into a slice instead makes Inductor
+(docs/performance.md has the cost); assigning into a slice instead makes Inductor
 copy the whole buffer. This kernel rewrites just those 2 x 64 channels of each token where the
 projection left them, and as a custom op that declares the mutation, Inductor leaves the buffer
 alone. The pairs rotate as in model.apply_rope, in fp32:

@@ -1,4 +1,4 @@
-"""The TensorRT-LLM backend: the runbook's convert -> trtllm-build -> run, as code.
+"""The TensorRT-LLM backend: the runbook's steps 3-6 (register, convert, trtllm-build, run) as code.
 
     export ─trtllm.convert─> checkpoint (config.json, rank0.safetensors, text_embed.safetensors)
            ─TensorRT-LLM's build API (IndicF5DiT registered at run time)─> rank0.engine + config.json

@@ -212,7 +212,8 @@ def check_parameters(model: IndicF5DiT, config: IndicF5DiTConfig) -> None:
 
 
 def register() -> None:
-    """Makes `IndicF5DiT` a TensorRT-LLM architecture for this process (MODEL_MAP, as built-in models are)."""
+    """Runbook step 3: makes `IndicF5DiT` a TensorRT-LLM architecture for this process (MODEL_MAP, as built-in
+    models are)."""
     from tensorrt_llm.models import MODEL_MAP
 
     MODEL_MAP.setdefault(layout.ARCHITECTURE, IndicF5DiT)

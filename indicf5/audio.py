@@ -63,9 +63,13 @@ class _Loudness:
 
     def __init__(self, audio: np.ndarray, rate: int):
         self.rate, self.frames = rate, audio.shape[1]
-        self.ms = round(1000 * self.frames / rate)  # pydub's len()
+        self.ms = self.ms_of(self.frames)
         power = np.mean(np.square(audio, dtype=np.float64), axis=0)  # every channel's samples alike
         self._cum = np.concatenate(([0.0], np.cumsum(power)))
+
+    def ms_of(self, frames: int) -> int:
+        """Milliseconds of `frames` samples, as pydub's len() counts them."""
+        return round(1000 * frames / self.rate)
 
     def at(self, ms):
         """The sample that `ms` (an int or an array of them) falls on."""
@@ -74,12 +78,14 @@ class _Loudness:
     def dbfs(self, start_ms, end_ms) -> np.ndarray:
         """dBFS of the slices [start_ms, end_ms); a slice past the end is filled with silence."""
         start, end = self.at(start_ms), self.at(end_ms)
-        power = (self._cum[np.minimum(end, self.frames)] - self._cum[np.minimum(start, self.frames)]) / np.maximum(end - start, 1)
+        energy = self._cum[np.minimum(end, self.frames)] - self._cum[np.minimum(start, self.frames)]
+        power = energy / np.maximum(end - start, 1)
         with np.errstate(divide="ignore"):
             return np.where(power > 0, 20 * np.log10(np.sqrt(power) + _EPS), -np.inf)
 
 
-def nonsilent_ranges(loudness: _Loudness, min_silence_ms: int, thresh_db: float, seek_ms: int = 10) -> list[tuple[int, int]]:
+def nonsilent_ranges(loudness: _Loudness, min_silence_ms: int, thresh_db: float,
+                     seek_ms: int = 10) -> list[tuple[int, int]]:
     """[start, end) millisecond ranges between silences (slices of min_silence_ms at most thresh_db,
     tried every seek_ms and at the very end)."""
     last = loudness.ms - min_silence_ms
@@ -104,7 +110,8 @@ def nonsilent_ranges(loudness: _Loudness, min_silence_ms: int, thresh_db: float,
     return ranges
 
 
-def _split_on_silence(loudness: _Loudness, min_silence_ms: int, thresh_db: float, keep_ms: int) -> list[tuple[int, int]]:
+def _split_on_silence(loudness: _Loudness, min_silence_ms: int, thresh_db: float,
+                      keep_ms: int) -> list[tuple[int, int]]:
     """Non-silent millisecond ranges widened by keep_ms of their silence; overlaps split in the middle."""
     ranges = [[s - keep_ms, e + keep_ms] for s, e in nonsilent_ranges(loudness, min_silence_ms, thresh_db)]
     for prev, nxt in zip(ranges, ranges[1:]):
@@ -118,7 +125,7 @@ def _pack(audio: np.ndarray, loudness: _Loudness, ranges: list[tuple[int, int]])
     kept, total = [], 0
     for s, e in ranges:
         piece = audio[:, loudness.at(s) : loudness.at(e)]
-        if round(1000 * total / loudness.rate) > 6000 and round(1000 * (total + piece.shape[1]) / loudness.rate) > MAX_REF_MS:
+        if loudness.ms_of(total) > 6000 and loudness.ms_of(total + piece.shape[1]) > MAX_REF_MS:
             break
         kept.append(piece)
         total += piece.shape[1]
@@ -130,7 +137,7 @@ def clip_reference(audio: np.ndarray, rate: int) -> np.ndarray:
     Upstream always re-packs the clip, so silences longer than 2 s shrink to 2 s even in short clips."""
     loudness = _Loudness(audio, rate)
     packed = _pack(audio, loudness, _split_on_silence(loudness, 1000, -50, keep_ms=1000))
-    if round(1000 * packed.shape[1] / rate) > MAX_REF_MS:  # no long silence to cut at: try short ones
+    if loudness.ms_of(packed.shape[1]) > MAX_REF_MS:  # no long silence to cut at: try short ones
         packed = _pack(audio, loudness, _split_on_silence(loudness, 100, -40, keep_ms=1000))
     return packed[:, : loudness.at(MAX_REF_MS)]
 

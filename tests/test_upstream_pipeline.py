@@ -79,10 +79,13 @@ REFERENCES = {  # rate, seconds of voice, edges and pauses: all under 12 s once 
     "48k": dict(rate=48_000, seconds=3.5, lead=0.5),
 }
 CASES = [  # reference, its transcript, text, speed, steps, schedule
-    ("24k-quiet", "नमस्ते, यह एक परीक्षण है।", "यह पहला वाक्य है। यह दूसरा वाक्य है॥ तीसरा वाक्य, थोड़ा लंबा।", 1.0, 4, "uniform"),
+    ("24k-quiet", "नमस्ते, यह एक परीक्षण है।",
+     "यह पहला वाक्य है। यह दूसरा वाक्य है॥ तीसरा वाक्य, थोड़ा लंबा।", 1.0, 4, "uniform"),
     ("44k-stereo", "ਇਹ ਇੱਕ ਪਰੀਖਿਆ ਹੈ।", "ਇਹ ਪਹਿਲਾ ਵਾਕ ਹੈ। ਦੂਜਾ ਵਾਕ ਇੱਥੇ ਹੈ. ਤੀਜਾ ਵਾਕ ਵੀ ਹੈ। " * 2, 1.25, 3, "uniform"),
-    ("16k-pause", "আমি ভাত খাই।", "তুমি কী খাও? আমরা সবাই মিলে খাই। তারপর আমরা বাড়ি যাই। আমরা খুশি।", 0.8, 3, "uniform"),
-    ("48k", "நான் வீட்டுக்குப் போகிறேன்.", "நீ எங்கே போகிறாய்? நாங்கள் எல்லோரும் போகிறோம். அது நல்லது।", 1.0, 7, "epss"),
+    ("16k-pause", "আমি ভাত খাই।",
+     "তুমি কী খাও? আমরা সবাই মিলে খাই। তারপর আমরা বাড়ি যাই। আমরা খুশি।", 0.8, 3, "uniform"),
+    ("48k", "நான் வீட்டுக்குப் போகிறேன்.",
+     "நீ எங்கே போகிறாய்? நாங்கள் எல்லோரும் போகிறோம். அது நல்லது।", 1.0, 7, "epss"),
 ]
 
 
@@ -156,7 +159,8 @@ def test_a_long_text_without_punctuation_is_all_spoken(pipelines, tmp_path):
     longest_word = max(len(w.encode()) + 1 for w in words)
     assert len(text.encode()) / fits <= len(rows) <= len(text.encode()) / (fits - longest_word) + 1
     assert all(r.frames <= sampling.max_frames for r in rows)
-    whole = estimate_frames(rows[0].ref_frames, spoken_ref_text, "".join(utterance.chunks), sampling.speed) - rows[0].ref_frames
+    ref_frames = rows[0].ref_frames
+    whole = estimate_frames(ref_frames, spoken_ref_text, "".join(utterance.chunks), sampling.speed) - ref_frames
     generated = sum(r.frames - r.ref_frames for r in rows)
     assert whole - len(rows) <= generated <= whole  # each chunk's estimate rounds down
     # spoken, on a smaller frame limit (cheaper): every chunk's frames, less the cross-fades
@@ -167,3 +171,11 @@ def test_a_long_text_without_punctuation_is_all_spoken(pipelines, tmp_path):
     fade = int(sampling.cross_fade_s * speech.sample_rate)
     generated = sum(r.frames - r.ref_frames for r in utterance.rows)
     assert len(speech.wave) == generated * 256 - (len(utterance.rows) - 1) * fade
+
+
+def test_text_the_frame_limit_would_cut_is_warned_about(pipelines, tmp_path):
+    ours, *_ = pipelines
+    path = write_reference(tmp_path / "ref.wav", rate=24_000, seconds=3.0)
+    ref_frames = int(prepare_reference(path, 0.1).wave.shape[-1]) // 256
+    with pytest.warns(UserWarning, match=r"(\d+) of \1 text chunks need more frames than the model's \d+ \(up to \d+\): their ends are cut"):
+        ours.prepare("शब्द वाक्यांश", path, "नमस्ते यह एक परीक्षण है", SamplingConfig(max_frames=ref_frames + 2))

@@ -113,7 +113,8 @@ class Synthesizer:
         if max(needs) > sampling.max_frames:
             over = sum(n > sampling.max_frames for n in needs)
             warnings.warn(f"{over} of {len(rows)} text chunks need more frames than the model's {sampling.max_frames} "
-                          f"(up to {max(needs)}): their ends are cut; use a shorter reference or a faster speed", stacklevel=2)
+                          f"(up to {max(needs)}): their ends are cut; use a shorter reference or a faster speed",
+                          stacklevel=2)
         return Utterance(rows, chunks, ref.source_rms)
 
     def render(self, rows: list[Row], sampling: SamplingConfig = SamplingConfig(), on_step=None) -> list[Rendered]:

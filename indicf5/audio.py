@@ -68,88 +68,115 @@ def write_wav(path: str | Path, samples: np.ndarray, rate: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# silence, in pydub's terms: dBFS of windows of a mono signal
+# silence, in pydub's terms (IndicF5 prepares references with pydub): millisecond slices, each
+# starting at sample int(ms * (rate / 1000.0)), their dBFS the RMS over the samples of every channel
 
 
-def _dbfs(x: np.ndarray) -> float:
-    return 20 * np.log10(np.sqrt(np.mean(np.square(x, dtype=np.float64))) + _EPS) if x.size else -np.inf
+class _Loudness:
+    """dBFS of millisecond slices of a (channels, samples) clip, as pydub measures them."""
+
+    def __init__(self, audio: np.ndarray, rate: int):
+        self.rate, self.frames = rate, audio.shape[1]
+        self.ms = self.ms_of(self.frames)
+        power = np.mean(np.square(audio, dtype=np.float64), axis=0)  # every channel's samples alike
+        self._cum = np.concatenate(([0.0], np.cumsum(power)))
+
+    def ms_of(self, frames: int) -> int:
+        """Milliseconds of `frames` samples, as pydub's len() counts them."""
+        return round(1000 * frames / self.rate)
+
+    def at(self, ms):
+        """The sample that `ms` (an int or an array of them) falls on."""
+        return (np.asarray(ms) * (self.rate / 1000.0)).astype(np.int64)
+
+    def dbfs(self, start_ms, end_ms) -> np.ndarray:
+        """dBFS of the slices [start_ms, end_ms); a slice past the end is filled with silence."""
+        start, end = self.at(start_ms), self.at(end_ms)
+        energy = self._cum[np.minimum(end, self.frames)] - self._cum[np.minimum(start, self.frames)]
+        power = energy / np.maximum(end - start, 1)
+        with np.errstate(divide="ignore"):
+            return np.where(power > 0, 20 * np.log10(np.sqrt(power) + _EPS), -np.inf)
 
 
-def _window_dbfs(mono: np.ndarray, window: int, hop: int) -> np.ndarray:
-    """dBFS of mono[i*hop : i*hop + window] for every full window."""
-    if len(mono) < window:
-        return np.empty(0)
-    cum = np.concatenate(([0.0], np.cumsum(np.square(mono, dtype=np.float64))))
-    starts = np.arange(0, len(mono) - window + 1, hop)
-    power = (cum[starts + window] - cum[starts]) / window
-    return 20 * np.log10(np.sqrt(power) + _EPS)
-
-
-def nonsilent_ranges(mono: np.ndarray, rate: int, min_silence_ms: int, thresh_db: float, seek_ms: int = 10) -> list[tuple[int, int]]:
-    """[start, end) sample ranges between silences of at least min_silence_ms."""
-    ms = rate / 1000
-    window, hop = int(min_silence_ms * ms), max(1, int(seek_ms * ms))
-    silent_starts = np.nonzero(_window_dbfs(mono, window, hop) < thresh_db)[0] * hop
+def nonsilent_ranges(loudness: _Loudness, min_silence_ms: int, thresh_db: float,
+                     seek_ms: int = 10) -> list[tuple[int, int]]:
+    """[start, end) millisecond ranges between silences (slices of min_silence_ms at most thresh_db,
+    tried every seek_ms and at the very end)."""
+    last = loudness.ms - min_silence_ms
+    if last < 0:
+        return [(0, loudness.ms)]
+    starts = np.arange(0, last + 1, seek_ms)
+    if last % seek_ms:
+        starts = np.append(starts, last)
     silences: list[list[int]] = []
-    for s in silent_starts:
+    for s in starts[loudness.dbfs(starts, starts + min_silence_ms) <= thresh_db].tolist():
         if silences and s <= silences[-1][1]:
-            silences[-1][1] = s + window
+            silences[-1][1] = s + min_silence_ms
         else:
-            silences.append([s, s + window])
+            silences.append([s, s + min_silence_ms])
     ranges, pos = [], 0
     for s, e in silences:
         if s > pos:
             ranges.append((pos, s))
         pos = e
-    if pos < len(mono):
-        ranges.append((pos, len(mono)))
+    if pos < loudness.ms:
+        ranges.append((pos, loudness.ms))
     return ranges
 
 
-def _split_on_silence(mono: np.ndarray, rate: int, min_silence_ms: int, thresh_db: float, keep_ms: int) -> list[tuple[int, int]]:
-    """Non-silent ranges widened by keep_ms of their silence; overlaps split in the middle."""
-    keep = int(keep_ms * rate / 1000)
-    ranges = [[max(0, s - keep), min(len(mono), e + keep)] for s, e in nonsilent_ranges(mono, rate, min_silence_ms, thresh_db)]
+def _split_on_silence(loudness: _Loudness, min_silence_ms: int, thresh_db: float,
+                      keep_ms: int) -> list[tuple[int, int]]:
+    """Non-silent millisecond ranges widened by keep_ms of their silence; overlaps split in the middle."""
+    ranges = [[s - keep_ms, e + keep_ms] for s, e in nonsilent_ranges(loudness, min_silence_ms, thresh_db)]
     for prev, nxt in zip(ranges, ranges[1:]):
         if prev[1] > nxt[0]:
             prev[1] = nxt[0] = (prev[1] + nxt[0]) // 2
-    return [(s, e) for s, e in ranges]
+    return [(max(s, 0), min(e, loudness.ms)) for s, e in ranges]
 
 
-def _pack(audio: np.ndarray, ranges: list[tuple[int, int]], rate: int) -> np.ndarray:
-    """Concatenate ranges until the next would pass 15 s (once at least 6 s are kept)."""
-    kept, total, ms = [], 0, rate / 1000
+def _pack(audio: np.ndarray, loudness: _Loudness, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Concatenate ranges until the next would pass 15 s (once more than 6 s are kept)."""
+    kept, total = [], 0
     for s, e in ranges:
-        if total > 6000 * ms and total + (e - s) > MAX_REF_MS * ms:
+        piece = audio[:, loudness.at(s) : loudness.at(e)]
+        if loudness.ms_of(total) > 6000 and loudness.ms_of(total + piece.shape[1]) > MAX_REF_MS:
             break
-        kept.append(audio[:, s:e])
-        total += e - s
+        kept.append(piece)
+        total += piece.shape[1]
     return np.concatenate(kept, axis=1) if kept else audio[:, :0]
 
 
 def clip_reference(audio: np.ndarray, rate: int) -> np.ndarray:
     """Shorten a reference to at most 15 s at silences, as upstream does; (channels, samples).
     Upstream always re-packs the clip, so silences longer than 2 s shrink to 2 s even in short clips."""
-    mono = audio.mean(axis=0)
-    limit = int(MAX_REF_MS * rate / 1000)
-    packed = _pack(audio, _split_on_silence(mono, rate, 1000, -50, keep_ms=1000), rate)
-    if packed.shape[1] > limit:  # no long silence to cut at: try short ones
-        packed = _pack(audio, _split_on_silence(mono, rate, 100, -40, keep_ms=1000), rate)
-    return packed[:, :limit]
+    loudness = _Loudness(audio, rate)
+    packed = _pack(audio, loudness, _split_on_silence(loudness, 1000, -50, keep_ms=1000))
+    if loudness.ms_of(packed.shape[1]) > MAX_REF_MS:  # no long silence to cut at: try short ones
+        packed = _pack(audio, loudness, _split_on_silence(loudness, 100, -40, keep_ms=1000))
+    return packed[:, : loudness.at(MAX_REF_MS)]
+
+
+def silence_pad(rate: int) -> int:
+    """Samples of the 50 ms of silence appended to a reference: pydub makes them at 11025 Hz and
+    converts them to the clip's rate (audioop.ratecv: 1198 samples at 24 kHz, not 1200)."""
+    return 550 * rate // 11025 + 1 if rate >= 11025 else int(50 * rate / 1000)
 
 
 def trim_silence_edges(audio: np.ndarray, rate: int, thresh_db: float = -42.0) -> np.ndarray:
     """Drop leading silence in 10 ms steps and trailing silence in 1 ms steps; add 50 ms of silence."""
-    mono = audio.mean(axis=0)
-    ms = max(1, rate // 1000)
+    loudness = _Loudness(audio, rate)
     start = 0
-    while start < len(mono) and _dbfs(mono[start : start + 10 * ms]) < thresh_db:
-        start += 10 * ms
-    end = len(mono)
-    while end > start and _dbfs(mono[end - ms : end]) <= thresh_db:
-        end -= ms
-    tail = np.zeros((audio.shape[0], 50 * ms), dtype=audio.dtype)
-    return np.concatenate([audio[:, start:end], tail], axis=1)
+    while start < loudness.ms and loudness.dbfs(start, start + 10) < thresh_db:
+        start += 10
+    audio = audio[:, loudness.at(min(start, loudness.ms)) :]
+    loudness = _Loudness(audio, rate)
+    seconds = audio.shape[1] / rate
+    for ms in range(loudness.ms - 1, -1, -1):
+        if loudness.dbfs(ms, ms + 1) > thresh_db:
+            break
+        seconds -= 0.001  # IndicF5 counts the kept length down in float seconds
+    tail = np.zeros((audio.shape[0], silence_pad(rate)), dtype=audio.dtype)
+    return np.concatenate([audio[:, : loudness.at(int(seconds * 1000))], tail], axis=1)
 
 
 @dataclass

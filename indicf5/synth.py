@@ -12,6 +12,7 @@ requests in one batch (a row's result does not depend on its batch-mates).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,11 +110,13 @@ class Synthesizer:
         chunks = chunk_text(text, min(budget, frames_budget(ref_frames, ref_text, sampling.speed, sampling.max_frames)))
         rows = [Row(cond, encode(ref_text + chunk, self.vocab), estimate_frames(ref_frames, ref_text, chunk, sampling.speed),
                     ref_frames, sampling.seed) for chunk in chunks]
-        for i, row in enumerate(rows):
-            if max(row.frames, len(row.ids) + 1) > sampling.max_frames:
-                warnings.warn(f"text chunk {i + 1} of {len(rows)} needs {max(row.frames, len(row.ids) + 1)} frames, over "
-                              f"the model's {sampling.max_frames}: its end is cut; use a shorter reference or a faster "
-                              "speed", stacklevel=2)
+        needs = fit_durations([r.frames for r in rows], [r.cond.shape[0] for r in rows], [len(r.ids) for r in rows],
+                              max_frames=sys.maxsize)  # what the sampler would give each row without the limit
+        if max(needs) > sampling.max_frames:
+            over = sum(n > sampling.max_frames for n in needs)
+            warnings.warn(f"{over} of {len(rows)} text chunks need more frames than the model's {sampling.max_frames} "
+                          f"(up to {max(needs)}): their ends are cut; use a shorter reference or a faster speed",
+                          stacklevel=2)
         return Utterance(rows, chunks, ref.source_rms)
 
     def render(self, rows: list[Row], sampling: SamplingConfig = SamplingConfig(), on_step=None) -> list[Rendered]:

@@ -93,6 +93,13 @@ def test_formats_carry_the_same_audio(server):
     assert len(samples(faster.content)) < len(wav)
 
 
+def test_a_request_picks_its_schedule(server):
+    """epss at the server's 32 steps is f5-tts 1.1's grid for 32, the uniform one; an unknown name is refused."""
+    assert speech(server, schedule="epss").content == speech(server, schedule="uniform").content
+    bad = speech(server, schedule="fastest")
+    assert bad.status_code == 422 and "schedule" in bad.text
+
+
 def test_concurrent_requests_are_batched_and_all_succeed(server):
     texts = [TEXT, "यह एक परीक्षण है"]
     alone = {t: samples(speech(server, t).content).astype(np.float64) for t in texts}

@@ -41,7 +41,7 @@ def runbook_states(summary) -> dict[str, str]:
     return {k: v for k, v in summary.stages.items() if k.split("/")[-1] in RUNBOOK_STAGES}
 
 
-def test_rebuild_of_an_unchanged_build_is_all_cached(home, prefect_api):
+def test_rebuild_of_an_unchanged_build_is_all_cached_in_its_own_workspace(home, tmp_path, prefect_api, monkeypatch):
     first = build(synthetic=True, dtypes=["fp32", "fp16"])
     assert not first.failed
     assert all(state == "Completed" for state in runbook_states(first).values()), first.stages
@@ -50,6 +50,22 @@ def test_rebuild_of_an_unchanged_build_is_all_cached(home, prefect_api):
     assert all(state == "Cached" for state in runbook_states(second).values()), second.stages
     assert second.mlflow_run_id == first.mlflow_run_id
     assert [b.engine for b in second.branches] == [b.engine for b in first.branches]
+
+    # another workspace shares Prefect's home, hence its cache records: a hit must be one in its own store
+    other = tmp_path / "other"
+    monkeypatch.setenv("INDICF5_HOME", str(other))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # exported by the first workspace's MLflow
+    assert runbook_states(build(synthetic=True, dtypes=["fp32"]))["eager-fp32/build_engine"] == "Completed"
+    shutil.rmtree(home)
+    again = build(synthetic=True, dtypes=["fp32"])
+    assert all(state == "Cached" for state in runbook_states(again).values()), again.stages
+    engine = Path(again.branches[0].engine)
+    assert engine.is_relative_to(other) and (engine / "engine.json").is_file()
+    assert str(other) in again.tracking_uri
+    client = MlflowClient(again.tracking_uri)
+    children = client.search_runs([client.get_run(again.mlflow_run_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{again.mlflow_run_id}'")
+    assert [r.data.tags["indicf5.engine_path"] for r in children] == [str(engine)]
 
 
 def test_a_corrupted_or_deleted_artifact_is_rebuilt_not_trusted(home, prefect_api):
@@ -71,30 +87,6 @@ def test_a_corrupted_or_deleted_artifact_is_rebuilt_not_trusted(home, prefect_ap
             assert store.load(stage, d.name) is not None, f"{stage}/{d.name} left invalid"
     third = build(synthetic=True, dtypes=["fp32"])
     assert all(state == "Cached" for state in runbook_states(third).values()), third.stages
-
-
-def test_workspaces_sharing_a_prefect_home_keep_their_own_artifacts(tmp_path, prefect_api, monkeypatch):
-    """Prefect's cache records are shared by every workspace of a Prefect home: a hit must be one
-    in this workspace's store, and its MLflow records must point there."""
-    def build_in(workspace: Path):
-        monkeypatch.setenv("INDICF5_HOME", str(workspace))
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set by the previous build's MLflow
-        return build(synthetic=True, dtypes=["fp32"])
-
-    x, y = tmp_path / "x", tmp_path / "y"
-    build_in(x)
-    build_in(y)
-    shutil.rmtree(x)
-    again = build_in(y)
-    assert not again.failed
-    assert all(state == "Cached" for state in runbook_states(again).values()), again.stages
-    engine = Path(again.branches[0].engine)
-    assert engine.is_relative_to(y) and (engine / "engine.json").is_file()
-    client = MlflowClient(Settings().tracking_uri)
-    assert again.tracking_uri == Settings().tracking_uri and str(y) in again.tracking_uri
-    children = client.search_runs([client.get_run(again.mlflow_run_id).info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{again.mlflow_run_id}'")
-    assert [r.data.tags["indicf5.engine_path"] for r in children] == [str(engine)]
 
 
 def processes_in_group(pgid: int) -> list[str]:

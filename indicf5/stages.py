@@ -78,7 +78,7 @@ def _download(out: Path, source: hub.SourceRef) -> dict[str, Any]:
     for name in source.files:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).symlink_to((path / name).resolve())
-    return {"repo_id": source.repo_id, "sha": source.sha, "files": str(path)}
+    return {"repo_id": source.repo_id, "sha": source.sha, "linked_from": str(path)}
 
 
 DOWNLOAD = Stage("download", inputs=lambda source: {"source": source.model_dump()}, make=_download)

@@ -132,7 +132,8 @@ def download_snapshot(ref: SourceRef) -> Path:
     if bad:
         for name in bad:
             (path / name).resolve().unlink(missing_ok=True)
-        raise TransientHubError(f"downloaded {', '.join(bad)} of {ref.repo_id}@{ref.sha[:12]} do not match the hub's hashes; removed")
+        raise TransientHubError(f"downloaded {', '.join(bad)} of {ref.repo_id}@{ref.sha[:12]} do not match the hub's "
+                                "hashes; removed")
     return path
 
 

@@ -60,7 +60,8 @@ def hashes(manifest: Manifest) -> dict[str, str]:
 
 # --- the synthetic snapshot: ours to make, so a damaged one is made again like any artifact
 
-SYNTHETIC = Stage("synthetic", inputs=lambda: {"code": code_hash(synthetic, model)}, make=lambda out: write_synthetic(out))
+SYNTHETIC = Stage("synthetic", inputs=lambda: {"code": code_hash(synthetic, model)},
+                  make=lambda out: write_synthetic(out))
 
 
 # --- download: the bytes stay in huggingface_hub's cache (or the local snapshot); the store's

@@ -75,7 +75,8 @@ def last_attempt_says_so() -> Iterator[None]:
         raise TransientHubError(f"{e}; gave up after {context.task_run.run_count} attempts") from e
 
 
-def content_cache_key(name: str, content_key: Callable[[dict[str, Any]], str], present: Callable[[dict[str, Any]], bool],
+def content_cache_key(name: str, content_key: Callable[[dict[str, Any]], str],
+                      present: Callable[[dict[str, Any]], bool],
                       scope: Callable[[], str] = store_scope) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
     """Prefect's cache key for a stage: where its result lives (`scope`: the store's root) and its
     content key (input hashes, settings, code). Prefect's cache records are shared by every

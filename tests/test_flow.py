@@ -117,7 +117,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-SMALL_CLI_BUILD = ["build", "--synthetic", "--dtype", "fp32", "--bench-lengths", "120", "--nfe", "8", "--parity-nfe", "4"]
+SMALL_CLI_BUILD = ["build", "--synthetic", "--dtype", "fp32", "--bench-lengths", "120", "--nfe", "8",
+                   "--parity-nfe", "4"]
 
 
 def cli_build(*args, env=None, **popen):
@@ -187,7 +188,8 @@ def test_two_builds_started_together_on_a_new_workspace_both_succeed_with_one_re
     ready.mkdir()
     env = dict(os.environ, READY_DIR=str(ready))
     cmd = [sys.executable, "-c", BUILD_TOGETHER, *SMALL_CLI_BUILD]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]

@@ -9,7 +9,7 @@ export INDICF5_HOME ?= $(CURDIR)/artifacts
 # Upstream F5-TTS and IndicF5's tokenizer, as test oracles only (installed without their
 # training/UI dependencies; tests/upstream.py imports just the DiT, the CFM and the tokenizer).
 ORACLE := f5-tts==1.1.22 x-transformers==2.31.10 einx==0.4.3 einops loguru torch-einops-utils frozendict \
-          torchdiffeq jieba==0.42.1 pypinyin
+          torchdiffeq jieba==0.42.1 pypinyin pydub==0.25.1
 
 # Run it for real (README): the servers, and a worker that deploys prefect.yaml and runs builds.
 PREFECT_PORT ?= 4200

@@ -18,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.states import Completed
 
 from indicf5.benchmark import BenchmarkConfig
-from indicf5.config import DType
+from indicf5.config import DType, Schedule
 from indicf5.hub import DEFAULT_REPO
 from indicf5.mlflow_lock import tracking_lock
 from indicf5.parity import ParityConfig
@@ -78,6 +78,7 @@ def build_engine_flow(
     backends: list[str] = ["eager"],  # noqa: B006 (Prefect copies parameters per run)
     dtypes: list[DType] = ["fp32", "fp16"],  # noqa: B006
     nfe: int = 32,
+    schedule: Schedule = "uniform",
     bench_lengths: list[int] = [250, 500],  # noqa: B006
     parity: ParityConfig = ParityConfig(),
     build_flags: dict[str, Any] = {},  # noqa: B006
@@ -92,6 +93,7 @@ def build_engine_flow(
         backends: Engine backends to build (eager, compiled, trtllm).
         dtypes: Engine dtypes to build (fp32, fp16, bf16).
         nfe: Flow steps for the benchmark and the sample utterance.
+        schedule: Their time grid: uniform, or epss (f5-tts 1.1's, for 5, 6, 7, 10, 12 and 16 steps).
         bench_lengths: Total frames to benchmark at (about 94 frames a second).
         parity: The parity gate: lengths, steps and relative-L2 thresholds per dtype.
         build_flags: Backend build flags, overriding the backend's defaults.
@@ -105,7 +107,7 @@ def build_engine_flow(
     snapshot = stages.run(download_snapshot, "download_snapshot", source)
     export = stages.run(export_transformer, "export_transformer", snapshot)
     environment = stages.run(check_environment, "check_environment")
-    bench_config = BenchmarkConfig(lengths=bench_lengths, nfe=nfe)
+    bench_config = BenchmarkConfig(lengths=bench_lengths, nfe=nfe, schedule=schedule)
 
     records: list[BranchRecord] = []
     branches: list[BranchSummary] = []

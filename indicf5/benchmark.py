@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from indicf5.config import TORCH_DTYPES, DType, MelConfig
+from indicf5.config import TORCH_DTYPES, DType, MelConfig, Schedule
 from indicf5.parity import seeded_inputs
 from indicf5.sampler import FlowModel, GuidedVelocity, sample, state_dtype
 from indicf5.vocoder import decode
@@ -24,6 +24,7 @@ from indicf5.vocoder import decode
 class BenchmarkConfig(BaseModel):
     lengths: list[int] = Field([250, 500], description="total frames per utterance (94 frames = 1 s)")
     nfe: int = 32
+    schedule: Schedule = Field("uniform", description="time grid of the loop (SamplingConfig)")
     warmup: int = 1
     repeats: int = 3
     seed: int = 0
@@ -49,6 +50,7 @@ class BenchmarkReport(BaseModel):
     device: str
     dtype: str
     nfe: int
+    schedule: Schedule = "uniform"
     results: list[LengthResult]
     peak_memory_mb: float
     peak_memory_kind: str  # "cuda_allocated" or "process_rss"
@@ -81,7 +83,8 @@ def benchmark_engine(engine: FlowModel, vocoder: torch.nn.Module, dtype: DType, 
         full_cond = torch.nn.functional.pad(cond, (0, 0, 0, n - ref_frames)).to(torch_dtype)
         velocity = GuidedVelocity.prepare(engine, full_cond, text, 2.0, [n])
         t = torch.tensor(0.5, device=device)
-        run_loop = lambda: sample(engine, cond, text, [n], nfe=config.nfe, seed=config.seed, dtype=torch_dtype)  # noqa: E731
+        run_loop = lambda: sample(engine, cond, text, [n], nfe=config.nfe, schedule=config.schedule,  # noqa: E731
+                                  seed=config.seed, dtype=torch_dtype)
         generated = run_loop()[:, ref_frames:].transpose(1, 2)
         vocode = lambda: decode(vocoder, generated)  # noqa: E731
         end_to_end = lambda: decode(vocoder, run_loop()[:, ref_frames:].transpose(1, 2))  # noqa: E731
@@ -96,4 +99,5 @@ def benchmark_engine(engine: FlowModel, vocoder: torch.nn.Module, dtype: DType, 
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
-    return BenchmarkReport(device=device, dtype=dtype, nfe=config.nfe, results=results, peak_memory_mb=peak, peak_memory_kind=kind)
+    return BenchmarkReport(device=device, dtype=dtype, nfe=config.nfe, schedule=config.schedule, results=results,
+                           peak_memory_mb=peak, peak_memory_kind=kind)

@@ -15,6 +15,8 @@ from typing import Callable
 
 from indicf5.errors import InputError
 
+SCHEDULE_HELP = "time grid: uniform (IndicF5's), or epss (f5-tts 1.1's for 5, 6, 7, 10, 12, 16 steps; uniform otherwise)"
+
 
 def _make_synthetic(args) -> None:
     from indicf5.synthetic import make_synthetic
@@ -36,7 +38,8 @@ def _synth(args) -> None:
         if not ref_txt.is_file():
             raise InputError(f"no --ref-text given and no transcript at {ref_txt}: give --ref-text")
         ref_text = ref_txt.read_text(encoding="utf-8").strip()
-    sampling = SamplingConfig(nfe=args.nfe, cfg_strength=args.cfg, speed=args.speed, seed=args.seed)
+    sampling = SamplingConfig(nfe=args.nfe, cfg_strength=args.cfg, speed=args.speed, seed=args.seed,
+                              schedule=args.schedule)
     if args.engine:
         synth = Synthesizer.from_engine(args.engine, device=args.device, vocoder_dir=args.vocoder)
     else:
@@ -54,7 +57,8 @@ def _build(args) -> int:
 
     params = dict(repo_id=args.repo_id, revision=args.revision, checkpoint=args.checkpoint, synthetic=args.synthetic,
                   backends=args.backend or ["eager"], dtypes=args.dtype or ["fp32", "fp16"], nfe=args.nfe,
-                  bench_lengths=args.bench_lengths, parity=ParityConfig(nfe=args.parity_nfe))
+                  schedule=args.schedule, bench_lengths=args.bench_lengths,
+                  parity=ParityConfig(nfe=args.parity_nfe, schedule=args.schedule))
     start_prefect_api()
     state = build_engine_flow(**params, return_state=True)
     outcome = state.result(raise_on_failure=False)
@@ -159,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab", type=Path, help="vocab.txt, when --checkpoint is a single file")
     s.add_argument("--vocoder", type=Path, help="local vocos directory, when the checkpoint bundles no vocoder")
     s.add_argument("--nfe", type=int, default=32)
+    s.add_argument("--schedule", choices=["uniform", "epss"], default="uniform", help=SCHEDULE_HELP)
     s.add_argument("--cfg", type=float, default=2.0)
     s.add_argument("--speed", type=float, default=1.0)
     s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="with --checkpoint")
@@ -175,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", action="append", help="eager, compiled, trtllm (repeatable; default eager)")
     s.add_argument("--dtype", action="append", choices=["fp32", "fp16", "bf16"], help="repeatable; default fp32 and fp16")
     s.add_argument("--nfe", type=int, default=32)
+    s.add_argument("--schedule", choices=["uniform", "epss"], default="uniform", help=SCHEDULE_HELP)
     s.add_argument("--bench-lengths", type=int, nargs="+", default=[250, 500], metavar="FRAMES")
     s.add_argument("--parity-nfe", type=int, default=8)
     s.set_defaults(run=_build)

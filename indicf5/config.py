@@ -8,6 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["fp32", "fp16", "bf16"]
+Schedule = Literal["uniform", "epss"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -51,6 +52,8 @@ class SamplingConfig(BaseModel):
     nfe: int = Field(32, ge=1, le=1024, description="Euler steps (number of function evaluations)")
     cfg_strength: float = Field(2.0, ge=0.0, description="classifier-free guidance strength")
     sway_coef: float | None = Field(-1.0, description="sway sampling coefficient; None for a uniform grid")
+    schedule: Schedule = Field("uniform", description="time grid before sway: uniform (IndicF5's), or epss, f5-tts "
+                               "1.1's Empirically Pruned Step Sampling for 5, 6, 7, 10, 12 and 16 steps (uniform otherwise)")
     speed: float = Field(1.0, gt=0.0, description="speech rate; >1 is faster (shorter duration)")
     target_rms: float = Field(0.1, gt=0.0, description="quiet references are raised to this RMS")
     cross_fade_s: float = Field(0.15, ge=0.0, description="cross-fade between text chunks")

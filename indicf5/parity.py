@@ -12,13 +12,14 @@ import math
 import torch
 from pydantic import BaseModel, Field
 
-from indicf5.config import TORCH_DTYPES, DType
+from indicf5.config import TORCH_DTYPES, DType, Schedule
 from indicf5.sampler import FlowModel, GuidedVelocity, sample, state_dtype
 
 
 class ParityConfig(BaseModel):
     lengths: list[int] = Field([96, 250], description="total frames (reference + generated) to check")
     nfe: int = Field(8, description="steps of the full sampling comparison")
+    schedule: Schedule = Field("uniform", description="time grid of the full sampling comparison (SamplingConfig)")
     seed: int = 0
     thresholds: dict[str, float] = Field({"fp32": 1e-4, "fp16": 3e-3, "bf16": 2e-2},
                                          description="largest relative L2 error allowed, per dtype")
@@ -75,7 +76,7 @@ def check_parity(reference: FlowModel, engine: FlowModel, dtype: DType, vocab_si
         t = torch.tensor(0.5, device=device)
         want_v = GuidedVelocity.prepare(reference, full_cond, text, 2.0, [n])(x, t)
         got_v = GuidedVelocity.prepare(engine, full_cond.to(state), text, 2.0, [n])(x.to(state), t)
-        want_mel = sample(reference, cond, text, [n], nfe=config.nfe, seed=config.seed)
-        got_mel = sample(engine, cond, text, [n], nfe=config.nfe, seed=config.seed, dtype=state)
+        want_mel = sample(reference, cond, text, [n], nfe=config.nfe, schedule=config.schedule, seed=config.seed)
+        got_mel = sample(engine, cond, text, [n], nfe=config.nfe, schedule=config.schedule, seed=config.seed, dtype=state)
         errors[str(n)] = {"velocity": compare(got_v, want_v), "mel": compare(got_mel, want_mel)}
     return ParityReport(dtype=dtype, threshold=config.thresholds[dtype], errors=errors)

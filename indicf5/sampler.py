@@ -3,7 +3,8 @@
     x_0 ~ N(0, I)                         one seed per utterance, as upstream draws it
     x_{i+1} = x_i + (t_{i+1} - t_i) * v(x_i, t_i)
     v = v_cond + cfg * (v_cond - v_uncond)     both rows in one batch of 2b
-    t = s + sway * (cos(pi/2 s) - 1 + s),  s = linspace(0, 1, nfe + 1)
+    t = s + sway * (cos(pi/2 s) - 1 + s),  s = linspace(0, 1, nfe + 1)   (schedule "uniform")
+                                           s = EPSS_GRIDS[nfe] / 32           (schedule "epss")
 
 The reference frames are copied back over the result. The time grid stays in fp32 whatever the
 model's dtype (a bf16 grid collapses adjacent steps).
@@ -17,6 +18,8 @@ from typing import Callable, Protocol
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
+from indicf5.config import Schedule
 
 # velocity(x (b, n, mel), t scalar fp32 tensor) -> (b, n, mel)
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,8 +41,25 @@ def state_dtype(model: FlowModel, dtype: torch.dtype) -> torch.dtype:
     return getattr(model, "state_dtype", dtype)
 
 
-def time_grid(nfe: int, sway_coef: float | None, device=None) -> torch.Tensor:
-    t = torch.linspace(0.0, 1.0, nfe + 1, device=device, dtype=torch.float32)
+# Empirically Pruned Step Sampling (f5-tts 1.1, model/utils.py): for these step counts, the steps
+# of a 32-step uniform grid to keep, in 1/32; dense early, where the flow bends most.
+EPSS_GRIDS: dict[int, tuple[int, ...]] = {
+    5: (0, 2, 4, 8, 16, 32),
+    6: (0, 2, 4, 6, 8, 16, 32),
+    7: (0, 2, 4, 6, 8, 16, 24, 32),
+    10: (0, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32),
+    12: (0, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32),
+    16: (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32),
+}
+
+
+def time_grid(nfe: int, sway_coef: float | None, device=None, schedule: Schedule = "uniform") -> torch.Tensor:
+    """(nfe + 1,) fp32 times from 0 to 1. `epss` at a step count it has no grid for is the uniform
+    grid, as in f5-tts 1.1 (whose default it is at any count)."""
+    if schedule == "epss" and nfe in EPSS_GRIDS:
+        t = torch.tensor(EPSS_GRIDS[nfe], device=device, dtype=torch.float32) / 32
+    else:
+        t = torch.linspace(0.0, 1.0, nfe + 1, device=device, dtype=torch.float32)
     if sway_coef is not None:
         t = t + sway_coef * (torch.cos(torch.pi / 2 * t) - 1 + t)
     return t
@@ -137,6 +157,7 @@ def sample(
     nfe: int = 32,
     cfg_strength: float = 2.0,
     sway_coef: float | None = -1.0,
+    schedule: Schedule = "uniform",
     seed: Seeds = None,
     max_frames: int = 4096,
     dtype: torch.dtype | None = None,
@@ -157,7 +178,7 @@ def sample(
     cond = torch.where(ref_mask, cond, torch.zeros_like(cond))
     velocity = GuidedVelocity.prepare(model, cond, text, cfg_strength, durations)
     x0 = initial_noise(durations, n_mels, seed, device, dtype)
-    t = time_grid(nfe, sway_coef, device)
+    t = time_grid(nfe, sway_coef, device, schedule)
     integrate = getattr(model, "integrate", None)  # engines may run the whole loop their own way
     x1 = integrate(velocity, x0, t, on_step) if integrate else euler(velocity, x0, t, on_step)
     return torch.where(ref_mask, cond, x1).float()

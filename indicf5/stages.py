@@ -170,7 +170,8 @@ def _benchmark(out: Path, engine: Manifest, config: BenchmarkConfig, environment
                        out / "latency.png", f"{label} on {environment.gpu or 'CPU'}, {config.nfe} NFE")
     ref_wav = out / "reference.wav"
     write_wav(ref_wav, reference_clip(), 24_000)
-    speech = synth.synthesize(SAMPLE_TEXT, ref_wav, REF_TEXT, SamplingConfig(seed=config.seed, nfe=config.nfe))
+    speech = synth.synthesize(SAMPLE_TEXT, ref_wav, REF_TEXT, SamplingConfig(seed=config.seed, nfe=config.nfe,
+                                                                                   schedule=config.schedule))
     ref_wav.unlink()
     write_wav(out / "sample.wav", speech.wave, speech.sample_rate)
     plots.mel_plot(speech.mel, out / "mel.png", f"{label}: generated mel")

@@ -12,6 +12,7 @@ requests in one batch (a row's result does not depend on its batch-mates).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from indicf5.config import TORCH_DTYPES, DType, MelConfig, SamplingConfig
 from torch.nn.utils.rnn import pad_sequence
 
 from indicf5.sampler import FlowModel, fit_durations, sample
-from indicf5.text import Vocab, check_text, chunk_budget, chunk_text, encode, estimate_frames, normalize_ref_text
+from indicf5.text import (Vocab, check_text, chunk_budget, chunk_text, encode, estimate_frames, frames_budget,
+                          normalize_ref_text)
 from indicf5.vocoder import decode, load_vocoder
 
 
@@ -99,13 +101,19 @@ class Synthesizer:
         check_text(ref_text, self.vocab, "reference text")
         ref = prepare_reference(ref_audio, sampling.target_rms, self.mel_config)
         ref_text = normalize_ref_text(ref_text)
-        chunks = chunk_text(text, chunk_budget(ref_text, ref.seconds))
+        budget = chunk_budget(ref_text, ref.seconds)
         if len(ref_text[-1].encode()) == 1:  # upstream adds one more space before the generated text
             ref_text += " "
         cond = self.reference_mel(ref)
         ref_frames = ref.wave.shape[-1] // self.mel_config.hop_length
+        chunks = chunk_text(text, min(budget, frames_budget(ref_frames, ref_text, sampling.speed, sampling.max_frames)))
         rows = [Row(cond, encode(ref_text + chunk, self.vocab), estimate_frames(ref_frames, ref_text, chunk, sampling.speed),
                     ref_frames, sampling.seed) for chunk in chunks]
+        for i, row in enumerate(rows):
+            if max(row.frames, len(row.ids) + 1) > sampling.max_frames:
+                warnings.warn(f"text chunk {i + 1} of {len(rows)} needs {max(row.frames, len(row.ids) + 1)} frames, over "
+                              f"the model's {sampling.max_frames}: its end is cut; use a shorter reference or a faster "
+                              "speed", stacklevel=2)
         return Utterance(rows, chunks, ref.source_rms)
 
     def render(self, rows: list[Row], sampling: SamplingConfig = SamplingConfig(), on_step=None) -> list[Rendered]:
@@ -114,7 +122,8 @@ class Synthesizer:
         text = pad_sequence([r.ids for r in rows], batch_first=True, padding_value=-1).to(self.device)
         ref_lens = [r.cond.shape[0] for r in rows]
         mel = sample(self.model, cond, text, [r.frames for r in rows], ref_lens=ref_lens, nfe=sampling.nfe,
-                     cfg_strength=sampling.cfg_strength, sway_coef=sampling.sway_coef, seed=[r.seed for r in rows],
+                     cfg_strength=sampling.cfg_strength, sway_coef=sampling.sway_coef, schedule=sampling.schedule,
+                     seed=[r.seed for r in rows],
                      max_frames=sampling.max_frames, dtype=self.dtype, on_step=on_step)
         lengths = fit_durations([r.frames for r in rows], ref_lens, [len(r.ids) for r in rows], sampling.max_frames)
         out = []

@@ -9,7 +9,7 @@ from upstream import f5tts_base_kwargs, load
 
 from indicf5.config import ModelConfig
 from indicf5.model import DiT, TextEmbedding
-from indicf5.sampler import lengths_to_mask, sample
+from indicf5.sampler import EPSS_GRIDS, lengths_to_mask, sample
 from indicf5.synthetic import random_transformer
 
 SIZES = [
@@ -71,6 +71,27 @@ def test_sampler_matches_upstream_cfm(nfe, frames, cfg):
     assert got.shape == expected.shape == (1, frames, 100)
     assert rel_l2(got, expected) <= 1e-4
     assert torch.equal(got[:, :50], cond)  # the reference frames are kept as they were
+
+
+@pytest.mark.parametrize("nfe", [16, 7, 8])
+def test_epss_schedule_matches_upstream_cfm(nfe):
+    """schedule epss is f5-tts 1.1's default sampling (use_epss): its pruned grid at 16 and 7 steps,
+    the uniform grid at a count it has none for (8); sway on top in both."""
+    _, upstream_cfm = load()
+    config = SIZES[0]
+    ours, theirs = pair(config, seed=5)
+    cfm = upstream_cfm(transformer=theirs).eval()
+    torch.manual_seed(6)
+    cond, text = torch.randn(1, 40, 100), torch.randint(0, config.text_num_embeds, (1, 25))
+    with torch.no_grad():
+        expected, _ = cfm.sample(cond, text, 120, steps=nfe, cfg_strength=2.0, sway_sampling_coef=-1.0, seed=3, use_epss=True)
+    got = sample(ours, cond, text, [120], nfe=nfe, sway_coef=-1.0, schedule="epss", seed=3)
+    assert rel_l2(got, expected) <= 1e-4
+    uniform = sample(ours, cond, text, [120], nfe=nfe, sway_coef=-1.0, seed=3)
+    if nfe in EPSS_GRIDS:  # a different grid, a measurably different mel
+        assert rel_l2(uniform, expected) > 1e-3
+    else:
+        assert torch.equal(uniform, got)
 
 
 def test_text_embedding_with_a_mask_embeds_each_row_as_alone():

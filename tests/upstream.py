@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import warnings
 
 import pytest
 
@@ -57,6 +58,20 @@ def char_tokenizer():
     from f5_tts.model.utils import convert_char_to_pinyin
 
     return lambda text: convert_char_to_pinyin([text])[0]
+
+
+def infer_utils():
+    """Upstream's inference module (``f5_tts.infer.utils_infer``: reference preparation, chunking,
+    infer_process / infer_batch_process), or skips without pydub. Its ASR pipeline is never used."""
+    _, cfm = load()
+    char_tokenizer()
+    if importlib.util.find_spec("pydub") is None:
+        pytest.skip("pydub is needed for upstream's reference preparation (make test installs it)")
+    sys.modules["f5_tts.model"].CFM = cfm
+    _stub("transformers", pipeline=_not_used)
+    with warnings.catch_warnings():  # pydub looks for ffmpeg, which WAV files do not need
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return importlib.import_module("f5_tts.infer.utils_infer")
 
 
 def f5tts_base_kwargs(config) -> dict:

@@ -44,7 +44,7 @@ class Job:
 
     def batch_key(self) -> tuple:
         s = self.sampling
-        return (s.nfe, s.cfg_strength, s.sway_coef, s.max_frames)
+        return (s.nfe, s.cfg_strength, s.sway_coef, s.schedule, s.max_frames)
 
 
 class InferenceQueue:

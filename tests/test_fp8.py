@@ -1,0 +1,63 @@
+"""The FP8 path of the compiled engine on the CPU: quantization, scales as stored, the GEMM
+emulated from the same quantized operands, and a clear refusal where no FP8 tensor cores are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_l2
+from safetensors.torch import load_file, save_file
+
+from indicf5.backends import fp8
+from indicf5.backends.compiled import CompiledEngine, EngineFlags
+from indicf5.checkpoint import build_model
+
+
+def test_rows_quantize_within_e4m3_rounding():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256) * torch.logspace(-3, 2, 64)[:, None]  # rows of very different magnitude, as tokens are
+    x[5] = 0.0  # a padded token
+    q, scale = fp8.quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    assert torch.equal(q.float().abs().amax(-1)[[0, 63]], torch.tensor([448.0, 448.0]))  # each row spans the format
+    back = fp8.dequantize(q, scale)
+    assert torch.equal(back[5], torch.zeros(256))
+    rows = [i for i in range(64) if i != 5]
+    per_row = ((back - x)[rows].norm(dim=-1) / x[rows].norm(dim=-1))
+    assert per_row.max() <= 0.04  # e4m3 has 3 mantissa bits: a relative rounding of at most 2^-4 per element
+
+
+def test_the_fp8_linear_is_the_float_linear_within_the_rounding_of_its_operands():
+    torch.manual_seed(1)
+    weight, bias = torch.randn(96, 128) / 11, torch.randn(96)
+    x = torch.randn(3, 40, 128)
+    want = torch.nn.functional.linear(x, weight, bias)
+    layer = fp8.Fp8Linear.of(weight, bias, torch.float32)
+    assert layer.emulate  # no FP8 tensor cores here
+    got = layer(x)
+    assert got.shape == want.shape and 1e-4 < rel_l2(got, want) <= 0.05
+    x_q, x_scale = fp8.quantize_rows(x.flatten(0, 1))  # exactly the quantized operands' product, plus the bias
+    exact = fp8.dequantize(x_q, x_scale) @ fp8.dequantize(layer.weight, layer.scale).t() + bias
+    assert torch.allclose(got.flatten(0, 1), exact, rtol=1e-6, atol=1e-6)
+    gelu = fp8.Fp8Linear.of(weight, bias, torch.float32, gelu=True)(x)
+    assert torch.allclose(gelu, torch.nn.functional.gelu(got, approximate="tanh"), rtol=1e-6, atol=1e-6)
+
+
+def test_quantized_block_weights_survive_the_engine_file(checkpoint, tmp_path):
+    dit = build_model(checkpoint)
+    stored = fp8.quantize_blocks(dit.transformer_blocks)
+    assert len(stored) == 2 * 4 * len(dit.transformer_blocks)
+    save_file(stored, str(tmp_path / fp8.FP8_FILE))
+    loaded = load_file(str(tmp_path / fp8.FP8_FILE))
+    assert all(torch.equal(loaded[k].float(), v.float()) and loaded[k].dtype == v.dtype for k, v in stored.items())
+    block = dit.transformer_blocks[0]
+    q_weight = torch.cat((block.attn.to_q.weight, block.attn.to_k.weight, block.attn.to_v.weight))
+    assert rel_l2(fp8.dequantize(loaded["0.qkv.weight"], loaded["0.qkv.scale"]), q_weight) <= 0.04
+    assert loaded["0.ff1.weight"].shape == block.ff.ff[0][0].weight.shape
+
+
+def test_fp8_is_refused_without_fp8_tensor_cores(checkpoint):
+    with pytest.raises(ValueError, match=r"precision 'fp8' runs FP8 tensor-core GEMMs on a CUDA GPU \(Hopper or Ada\), not cpu"):
+        CompiledEngine(build_model(checkpoint, "cpu", torch.float16), EngineFlags(buckets=(128,), precision="fp8"))
+    with pytest.raises(ValueError, match="runs inside an fp16 or bf16 engine"):
+        CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128,), precision="fp8"))

@@ -209,10 +209,13 @@ def main() -> None:
                 with ServerProcess(engine, tmp / f"server-{max_batch}.log", *extra) as server:
                     voice = add_voice(server.url, ref, REF_TEXT)
                     results[f"max_batch={max_batch}"] = run_load(server.url, voice, args.requests, args.concurrency, args.max_seconds)
+                    print(f"max_batch={max_batch}", json.dumps(results[f"max_batch={max_batch}"]), flush=True)
                     if args.ttfb and i == len(args.max_batch) - 1:
                         results["ttfb"] = ttfb(server.url, voice, first_chunk(ref))
+                        print("ttfb", json.dumps(results["ttfb"]), flush=True)
             if args.engine_rate:
                 results["engine"] = engine_rate(engine, (args.device or ["cpu"])[0], ref, args.requests, args.max_batch)
+                print("engine", json.dumps(results["engine"]), flush=True)
 
     print(f"\n{args.requests} requests, {args.concurrency} clients" + (f", {args.size} {args.backend} {args.dtype}" if args.synthetic else ""))
     servers = {name: r for name, r in results.items() if name.startswith("max_batch=") or name == "server"}

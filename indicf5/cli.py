@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from indicf5.errors import InputError
 
@@ -73,6 +77,7 @@ def _build(args) -> int:
                   backends=args.backend or ["eager"], dtypes=args.dtype or ["fp32", "fp16"], nfe=args.nfe,
                   schedule=args.schedule, bench_lengths=args.bench_lengths,
                   parity=ParityConfig(nfe=args.parity_nfe, schedule=args.schedule))
+    start_prefect_api()
     state = build_engine_flow(**params, return_state=True)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, StageFailed) and isinstance(outcome.error, InputError):
@@ -102,6 +107,7 @@ class FlowFailed(Exception):
 
 def _flow_outcome(flow_fn, **params):
     """The flow's return value; bad input raises InputError (exit 2), other failures FlowFailed."""
+    start_prefect_api()
     outcome = flow_fn(**params, return_state=True).result(raise_on_failure=False)
     if isinstance(outcome, InputError):
         raise outcome
@@ -221,6 +227,49 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, help="queued requests before answering 429 (default 64)")
     s.set_defaults(run=_serve)
     return p
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when `parent` ends, however it ends (Linux)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent was gone before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+def start_prefect_api() -> None:
+    """Without PREFECT_API_URL, Prefect's temporary API server for this command, started here and
+    bound to this process: SIGKILL leaves Prefect no chance to stop it, so the kernel does (parent-
+    death signal). Starts are serialised per Prefect home: a first start migrates its database."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled or not sys.platform.startswith("linux"):
+        return
+    import subprocess
+
+    from filelock import FileLock
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class ServerOfThisProcess(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            popen = subprocess.Popen  # Prefect's own command, with the signal armed in its child
+            subprocess.Popen = functools.partial(popen, preexec_fn=_dies_with(os.getpid()))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with FileLock(settings.home / "indicf5-server-start.lock"):
+        ServerOfThisProcess().start()  # the instance Prefect's clients use (one server a process)
 
 
 def use_prefect_defaults() -> None:

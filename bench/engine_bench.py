@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indicf5.backends.base import EngineSpec  # noqa: E402
-from indicf5.backends import fp8  # noqa: E402
+from indicf5.backends.compiled import fp8  # noqa: E402
 from indicf5.backends.compiled import CompiledBackend, CompiledEngine, bucket_for  # noqa: E402
 from indicf5.config import TORCH_DTYPES, ModelConfig  # noqa: E402
 from indicf5.model import DiT  # noqa: E402

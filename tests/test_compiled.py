@@ -106,7 +106,7 @@ def patched(tensor, scope):  # triton-lang/triton#9171: Triton 3.6's interpreter
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
 interpreter._patch_lang_tensor = patched
-from indicf5.backends.padded_attention import attend
+from indicf5.backends.compiled.kernels.attention import attend
 from indicf5.model import sdpa_attend
 torch.manual_seed(0)
 n, h, dh = 200, 2, 64  # not a multiple of the 128-query tile; the short row ends inside a key tile
@@ -123,7 +123,7 @@ for row, length in enumerate(lengths.tolist()):
 
 
 def test_padded_attention_attends_each_row_to_its_length_only():
-    """padded_attention.py's kernel, run by Triton's interpreter on the CPU, on the q|k|v views the
+    """kernels/attention.py's kernel, run by Triton's interpreter on the CPU, on the q|k|v views the
     engine hands it (fp16): each row's real queries match attention over that row alone, and
     NaN in a row's padding changes nothing (TMA reads the last key tile whole: its padded keys must
     not score, and their values must be cleared before they are summed)."""
@@ -135,7 +135,7 @@ def test_padded_attention_attends_each_row_to_its_length_only():
 def test_padded_attention_refuses_a_layout_it_cannot_tile():
     """The kernel reads tokens as rows of one matrix; heads-first tensors are refused with the
     reason, before anything is launched."""
-    from indicf5.backends.padded_attention import attend
+    from indicf5.backends.compiled.kernels.attention import attend
 
     q = torch.zeros(2, 16, 4, 64, dtype=torch.float16).transpose(1, 2)  # (b, n, h, dh) view of heads-first memory
     with pytest.raises(ValueError, match="tokens are rows of one matrix"):
@@ -223,7 +223,7 @@ with torch.no_grad():
 
 
 def test_the_triton_position_convolution_computes_the_reference():
-    """conv_kernel.py's kernel, run by Triton's interpreter on the CPU, as the engine calls it."""
+    """kernels/conv.py's kernel, run by Triton's interpreter on the CPU, as the engine calls it."""
     out = run_python(TRITON_CONV_CHECK, TRITON_INTERPRET="1")
     errors = dict(line.split() for line in out.splitlines())
     assert float(errors["torch.float32"]) <= 1e-5 and float(errors["torch.float16"]) <= 2e-3, errors
@@ -231,7 +231,7 @@ def test_the_triton_position_convolution_computes_the_reference():
 
 ROPE_KERNEL_CHECK = """
 import torch
-from indicf5.backends.rope_kernel import rotate_first_head_
+from indicf5.backends.compiled.kernels.rope import rotate_first_head_
 from indicf5.model import rope_angles, rope_inv_freq, rotate_first_head
 torch.manual_seed(0)
 b, n, h, dh = 2, 76, 4, 16
@@ -249,7 +249,7 @@ for dtype in (torch.float32, torch.float16):
 
 
 def test_the_rotary_kernel_rotates_the_first_head_in_place():
-    """rope_kernel.py's kernel, run by Triton's interpreter on the CPU: q's and k's first head
+    """kernels/rope.py's kernel, run by Triton's interpreter on the CPU: q's and k's first head
     rotated where the projection left them, as the reference's copy does; v untouched."""
     out = run_python(ROPE_KERNEL_CHECK, TRITON_INTERPRET="1")
     results = {dtype: (float(err), int(v_kept)) for dtype, err, v_kept in (line.split() for line in out.splitlines())}
@@ -267,7 +267,9 @@ def test_the_triton_kernels_compile_for_hopper(dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from indicf5.backends import conv_kernel, padded_attention, rope_kernel
+    from indicf5.backends.compiled.kernels import attention as padded_attention
+    from indicf5.backends.compiled.kernels import conv as conv_kernel
+    from indicf5.backends.compiled.kernels import rope as rope_kernel
 
     hopper, pointer = GPUTarget("cuda", 90, 32), f"*{dtype}"
     rope = ASTSource(fn=rope_kernel._rotate_first_head_kernel,

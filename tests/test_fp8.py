@@ -8,7 +8,7 @@ import torch
 from conftest import rel_l2
 from safetensors.torch import load_file, save_file
 
-from indicf5.backends import fp8
+from indicf5.backends.compiled import fp8
 from indicf5.backends.compiled import CompiledEngine, EngineFlags
 from indicf5.checkpoint import build_model
 

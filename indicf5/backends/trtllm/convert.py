@@ -21,7 +21,7 @@ from indicf5.checkpoint import load_export
 from indicf5.config import TORCH_DTYPES, DType, ModelConfig
 from indicf5.errors import InputError
 from indicf5.model import rope_inv_freq
-from indicf5.trtllm.layout import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, TEXT_WEIGHTS, checkpoint_config, is_text_weight,
+from indicf5.backends.trtllm.layout import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, TEXT_WEIGHTS, checkpoint_config, is_text_weight,
                                    weight_table)
 
 

@@ -21,13 +21,13 @@ from indicf5 import checkpoint, model
 from indicf5.backends import base
 from indicf5.backends.base import Backend, EngineSpec
 from indicf5.config import DType
-from indicf5.trtllm import convert as trtllm_convert
-from indicf5.trtllm.layout import CHECKPOINT_CONFIG, TEXT_WEIGHTS
+from indicf5.backends.trtllm import convert as trtllm_convert
+from indicf5.backends.trtllm.layout import CHECKPOINT_CONFIG, TEXT_WEIGHTS
 
 TRTLLM_VERSION = "0.16.0"
 INSTALL = (f"pip install 'indicf5-engines[trtllm]' --extra-index-url https://pypi.nvidia.com "
            f"(tensorrt_llm=={TRTLLM_VERSION}; Linux x86_64, CUDA 12, an NVIDIA GPU; see docs/trtllm.md)")
-TRTLLM_SOURCES = tuple(sorted((Path(__file__).parents[1] / "trtllm").glob("*.py")))
+TRTLLM_SOURCES = tuple(sorted(Path(__file__).parent.glob("*.py")))
 
 
 class TrtllmBackend(Backend):
@@ -53,8 +53,8 @@ class TrtllmBackend(Backend):
         from tensorrt_llm.builder import BuildConfig, build
         from tensorrt_llm.plugin import PluginConfig
 
-        from indicf5.trtllm.config import IndicF5DiTConfig
-        from indicf5.trtllm.model import IndicF5DiT, register
+        from indicf5.backends.trtllm.config import IndicF5DiTConfig
+        from indicf5.backends.trtllm.model import IndicF5DiT, register
 
         register()
         flags = spec.build_flags
@@ -73,7 +73,7 @@ class TrtllmBackend(Backend):
         return {"trtllm_build_seconds": time.perf_counter() - start, "tensorrt_llm": tensorrt_llm.__version__}
 
     def load(self, engine_dir: Path, spec: EngineSpec, device: str):
-        from indicf5.trtllm.runtime import TrtllmEngine
+        from indicf5.backends.trtllm.runtime import TrtllmEngine
 
         if not device.startswith("cuda"):
             raise RuntimeError(f"a TensorRT-LLM engine runs on a CUDA device, not {device}")

@@ -27,12 +27,12 @@ what Inductor fuses:
   away (NormedInMatmulDtype);
 - q, k and v come from one matmul; the feed-forward's tanh-GELU runs in its GEMM's epilogue;
 - rotary positions: on CUDA a Triton kernel rotates q's and k's first head in place in the q|k|v
-  buffer (rope_kernel.py) instead of copying all of q and k;
+  buffer (kernels/rope.py) instead of copying all of q and k;
 - attention: on CUDA with fp16/bf16 weights, a Triton flash-attention kernel that reads each row's
-  length on the device, and q, k and v by TMA where the projection left them (padded_attention.py);
+  length on the device, and q, k and v by TMA where the projection left them (kernels/attention.py);
   otherwise SDPA with the key mask;
 - the position convolutions: on CUDA with fp16/bf16 weights, one fused Triton kernel each
-  (conv_kernel.py); otherwise cuDNN on channels-last data;
+  (kernels/conv.py); otherwise cuDNN on channels-last data;
 - the guidance branches: on CUDA from 2048 frames a branch (rows x bucket), the conditioned and
   the unconditioned rows run on two streams inside the captured step, so each one's launch gaps
   and memory-bound passes overlap the other's kernels; below that, half-size kernels lose more
@@ -60,7 +60,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +69,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from indicf5 import checkpoint, model
-from indicf5.backends import base, fp8, padded_attention
+from indicf5.backends import base
 from indicf5.backends.base import Backend, EngineSpec
+from indicf5.backends.compiled import fp8
+from indicf5.backends.compiled.modules import (CastLinear, ChannelsLastConvPositionEmbedding, EngineAttention, GeluLinear,
+                                               NormedInMatmulDtype, Padding, TritonConvPositionEmbedding, bucket_for,
+                                               matmuls_in, row_lengths)
 from indicf5.backends.eager import WEIGHTS, EagerBackend
 from indicf5.config import TORCH_DTYPES
 from indicf5.model import DiT
@@ -167,155 +171,6 @@ class Resolved:
     rope_kernel: bool
     branch_streams_from: int | None  # frames a guidance branch from which it runs on its own stream; None: never
     cuda_graphs: bool
-
-
-def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
-    i = bisect.bisect_left(buckets, n)
-    if i == len(buckets):
-        raise ValueError(f"{n} frames exceed the engine's largest bucket ({buckets[-1]})")
-    return buckets[i]
-
-
-class CastLinear(nn.Module):
-    """A linear layer whose matmul runs in its weights' dtype whatever its input's: the input is cast
-    down, and the output back up unless the next consumer is a matmul too (`upcast` False: its
-    values are the low dtype's either way, so only the traffic would change)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, upcast: bool = True):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().to(dtype))
-        self.register_buffer("bias", bias.detach().to(dtype))
-        self.upcast = upcast
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        return y.to(x.dtype) if self.upcast else y
-
-
-class GeluLinear(CastLinear):
-    """The feed-forward's first linear with its tanh-GELU in the GEMM's epilogue (cuBLASLt's GELU
-    epilogue is the tanh form): one kernel instead of a GEMM and an element-wise pass. Its output
-    stays in the matmul's dtype: the next consumer is the second linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._addmm_activation(self.bias, x.to(self.weight.dtype).flatten(0, -2), self.weight.t(), use_gelu=True)
-        return y.unflatten(0, x.shape[:-1])
-
-
-def matmuls_in(dit: DiT, dtype: torch.dtype) -> None:
-    """Every linear layer of the step (all but the text embedding's) replaced by a CastLinear in `dtype`."""
-    low = {name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear) and not name.startswith("text_embed.")}
-    for name, linear in low.items():
-        parent, _, attr = name.rpartition(".")
-        setattr(dit.get_submodule(parent), attr, CastLinear(linear.weight, linear.bias, dtype))
-
-
-class NormedInMatmulDtype(nn.Module):
-    """A DiTBlock (mixed precision) whose normalised output comes out in the matmuls' dtype. Its
-    only consumer is a matmul that casts it anyway (the next block's q|k|v projection, or
-    proj_out): cast here, it costs nothing in the norm's kernel instead of a pass of its own."""
-
-    def __init__(self, block: model.DiTBlock, dtype: torch.dtype):
-        super().__init__()
-        self.block, self.dtype = block, dtype
-        self.attn_norm = block.attn_norm  # DiT.condition reads each block's modulation from it
-
-    def forward(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
-        x, normed = self.block(*args)
-        return x, normed.to(self.dtype)
-
-
-class Padding(NamedTuple):
-    """What the engine's modules know of a bucket-padded batch, computed once a step and handed
-    to DiT.flow as its mask (the modules the engine puts in get it: attention, the position
-    convolutions)."""
-
-    mask: torch.Tensor  # (b, n) bool, True on real frames
-    lengths: torch.Tensor  # (b,) int32
-
-    @classmethod
-    def of(cls, lengths: torch.Tensor, n: int) -> Padding:
-        """lengths (b,) int32 of rows padded to n frames."""
-        return cls(lengths_to_mask(lengths, n), lengths)
-
-
-class ChannelsLastConvPositionEmbedding(nn.Module):
-    """The position convolutions on (b, n, d) data without transposing it: viewed as a
-    (b, d, 1, n) image it is already channels-last, which cuDNN convolves as it is."""
-
-    def __init__(self, reference: model.ConvPositionEmbedding, dtype: torch.dtype):
-        super().__init__()
-        convs = [m for m in reference.conv1d if isinstance(m, nn.Conv1d)]
-        self.groups, self.padding = convs[0].groups, convs[0].padding[0]
-        for i, conv in enumerate(convs):
-            weight = conv.weight.detach().to(dtype).unsqueeze(2).contiguous(memory_format=torch.channels_last)
-            self.register_buffer(f"weight{i}", weight)
-            self.register_buffer(f"bias{i}", conv.bias.detach().to(dtype))
-
-    def forward(self, x: torch.Tensor, padding: Padding) -> torch.Tensor:
-        h = x.transpose(1, 2).unsqueeze(2)  # (b, d, 1, n), a view: channels-last memory
-        keep = padding.mask[:, None, None, :]
-        for i in range(2):
-            h = h.masked_fill(~keep, 0.0)
-            conv = F.conv2d(h.to(self.weight0.dtype), getattr(self, f"weight{i}"), getattr(self, f"bias{i}"),
-                            padding=(0, self.padding), groups=self.groups)
-            h = F.mish(conv.to(x.dtype))
-        return h.masked_fill(~keep, 0.0).squeeze(2).transpose(1, 2)
-
-
-class TritonConvPositionEmbedding(nn.Module):
-    """The position convolutions as two launches of one Triton kernel (conv_kernel.py): the
-    padding mask, the bias and Mish fused; CUDA only."""
-
-    def __init__(self, reference: model.ConvPositionEmbedding, dtype: torch.dtype):
-        super().__init__()
-        from indicf5.backends.conv_kernel import arrange_weight
-
-        convs = [m for m in reference.conv1d if isinstance(m, nn.Conv1d)]
-        for i, conv in enumerate(convs):
-            self.register_buffer(f"weight{i}", arrange_weight(conv.weight.detach(), conv.groups).to(dtype))
-            self.register_buffer(f"bias{i}", conv.bias.detach().to(dtype))
-
-    def forward(self, x: torch.Tensor, padding: Padding) -> torch.Tensor:
-        from indicf5.backends.conv_kernel import conv_mish
-
-        lengths = padding.lengths
-        return conv_mish(conv_mish(x, self.weight0, self.bias0, lengths), self.weight1, self.bias1, lengths)
-
-
-class EngineAttention(nn.Module):
-    """The reference's self-attention (model.Attention) as the engine runs it: q, k and v from one
-    matmul of the three weights stacked (`qkv`: a CastLinear, or an Fp8Linear); rotary positions on the first head rotated in place by
-    rope_kernel.py (`rope_kernel`) or by the reference's copy; attention by row lengths
-    (padded_attention.py, `by_lengths`) or SDPA with the key mask."""
-
-    def __init__(self, attn: model.Attention, qkv: nn.Module, to_out: nn.Module, by_lengths: bool, rope_kernel: bool):
-        super().__init__()
-        self.heads, self.dim_head = attn.heads, attn.dim_head
-        self.qkv, self.to_out = qkv, to_out  # (b, n, d) -> (b, n, 3 * h * dh) in the matmul's dtype; (b, n, h * dh) -> (b, n, d)
-        self.by_lengths, self.rope_kernel = by_lengths, rope_kernel
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, padding: Padding) -> torch.Tensor:
-        b, n, _ = x.shape
-        qkv = self.qkv(x)  # (b, n, 3 * h * dh), in the matmul's dtype
-        if self.rope_kernel:
-            from indicf5.backends.rope_kernel import rotate_first_head_
-
-            rotate_first_head_(qkv, rope, self.heads)
-        q, k, v = qkv.view(b, n, 3, self.heads, self.dim_head).unbind(2)  # (b, n, h, dh) each
-        if not self.rope_kernel:
-            q, k = model.rotate_first_head(q, k, rope)
-        if self.by_lengths:
-            h = padded_attention.padded_attention(q, k, v, padding.lengths)
-        else:
-            h = model.sdpa_attend(q, k, v, padding.mask)
-        h = self.to_out(h.reshape(b, n, -1))
-        return h.masked_fill(~padding.mask[..., None], 0.0)  # as the reference; padded queries' output is undefined
-
-
-def row_lengths(mask: torch.Tensor | None, b: int, n: int, device) -> torch.Tensor:
-    """(b,) int32 real frames per row: all n when there is no mask."""
-    return torch.full((b,), n, device=device, dtype=torch.int32) if mask is None else mask.sum(-1, dtype=torch.int32)
 
 
 @dataclass
@@ -638,8 +493,7 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 class CompiledBackend(Backend):
     name = "compiled"
-    modules = (model, checkpoint, base, fp8, Path(__file__),
-               *(Path(__file__).with_name(f"{kernel}.py") for kernel in ("conv_kernel", "rope_kernel", "padded_attention")))
+    modules = (model, checkpoint, base, *sorted(Path(__file__).parent.rglob("*.py")))  # this package: engine, modules, fp8, kernels
     engine_files = (WEIGHTS, COMPILE_CACHE)
 
     def default_flags(self) -> dict:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from indicf5.trtllm.layout import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS
+from indicf5.backends.trtllm.layout import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS
 
 MASKED_KEY_BIAS = -30000.0  # added to padded keys' scores: softmax gives them 0, and it is finite in fp16
 

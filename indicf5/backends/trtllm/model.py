@@ -10,7 +10,7 @@ its own against the table when it is built. Rows are masked to their `input_leng
 keys, the position convolutions), so a batch of mixed lengths gives each row its own result.
 
 `register()` adds the class to TensorRT-LLM's model map at run time (nothing is copied into the
-installed package); `trtllm-build --model_cls_file indicf5/trtllm/model.py --model_cls_name IndicF5DiT`
+installed package); `trtllm-build --model_cls_file indicf5/backends/trtllm/model.py --model_cls_name IndicF5DiT`
 loads it the same way.
 """
 
@@ -29,9 +29,9 @@ from tensorrt_llm.models.modeling_utils import PretrainedModel
 from tensorrt_llm.module import Module, ModuleList
 from tensorrt_llm.parameter import Parameter
 
-from indicf5.trtllm import layout
-from indicf5.trtllm.config import IndicF5DiTConfig
-from indicf5.trtllm.executor import MASKED_KEY_BIAS, rotary_table, timestep_frequencies
+from indicf5.backends.trtllm import layout
+from indicf5.backends.trtllm.config import IndicF5DiTConfig
+from indicf5.backends.trtllm.executor import MASKED_KEY_BIAS, rotary_table, timestep_frequencies
 
 
 class ModulatedLayerNorm(Module):

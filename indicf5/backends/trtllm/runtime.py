@@ -15,7 +15,7 @@ from tensorrt_llm._utils import torch_dtype_to_trt, trt_dtype_to_torch
 from tensorrt_llm.runtime import Session, TensorInfo
 
 from indicf5.model import TextEmbedding
-from indicf5.trtllm.layout import TEXT_WEIGHTS, model_config_of
+from indicf5.backends.trtllm.layout import TEXT_WEIGHTS, model_config_of
 
 ENGINE_FILE = "rank0.engine"
 ENGINE_CONFIG = "config.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tensorrt_llm.models.modeling_utils import PretrainedConfig
 
-from indicf5.trtllm import layout
+from indicf5.backends.trtllm import layout
 
 DIT_FIELDS = ("dim_head", "ff_mult", "mel_dim", "text_dim", "text_num_embeds", "conv_layers", "freq_embed_dim",
               "conv_kernel", "conv_groups")

@@ -91,3 +91,25 @@ def test_an_fp8_engine_samples_close_to_its_precision(checkpoint, dtype):
     want = sample(reference, cond, text, [200], nfe=8, seed=0)
     got = sample(engine, cond, text, [200], nfe=8, seed=0, dtype=engine.state_dtype)
     assert torch.isfinite(got).all() and rel_l2(got, want) <= 0.1, rel_l2(got, want)
+
+
+def test_the_parity_gate_holds_fp8_engines_to_their_own_threshold(checkpoint):
+    from types import SimpleNamespace
+
+    from indicf5.parity import ParityConfig, check_parity
+
+    reference = build_model(checkpoint)
+
+    class Fp8Like(torch.nn.Module):  # the reference, flagged as an FP8 engine is
+        choice = SimpleNamespace(precision="fp8")
+
+        def forward(self, *args, **kwargs):
+            return reference(*args, **kwargs)
+
+        def embed_text(self, *args, **kwargs):
+            return reference.embed_text(*args, **kwargs)
+
+    config = ParityConfig(lengths=[60], nfe=2)
+    report = check_parity(reference, Fp8Like(), "fp32", checkpoint.config.text_num_embeds, "cpu", config)
+    assert report.threshold == config.thresholds["fp8"] == 1.5e-2 and report.passed
+    assert check_parity(reference, reference, "fp32", checkpoint.config.text_num_embeds, "cpu", config).threshold == 1e-4

@@ -142,4 +142,5 @@ def test_a_backend_keys_its_artifacts_on_its_own_code(name):
     assert Path(inspect.getfile(type(backend))) in sources
     assert all(path.is_file() for path in sources)
     if name == "compiled":  # and on the kernels its engines run
-        assert {"conv_kernel.py", "rope_kernel.py", "padded_attention.py"} <= {path.name for path in sources}
+        assert {"kernels/conv.py", "kernels/rope.py", "kernels/attention.py"} <= {f"{path.parent.name}/{path.name}"
+                                                                                for path in sources}

@@ -542,8 +542,10 @@ class CompiledBackend(Backend):
         return engine
 
 
-def warm_up(engine: CompiledEngine, rows: int = 2) -> None:
-    """A guided step (2 rows) at the smallest and the largest bucket: with dynamic shapes this
-    compiles what every bucket and batch size needs."""
-    for size in (engine.buckets[0], engine.buckets[-1]):
-        engine.step(*engine.example_inputs(rows, size))
+def warm_up(engine: CompiledEngine) -> None:
+    """Guided steps at the smallest bucket at every batch size, and at the largest bucket: with
+    dynamic shapes this compiles every graph Dynamo's guards split the shapes into (on the CPU the
+    position convolutions split batches at 16 rows), so that serving compiles nothing."""
+    for rows in engine.batch_sizes:
+        engine.step(*engine.example_inputs(2 * rows, engine.buckets[0]))
+    engine.step(*engine.example_inputs(2, engine.buckets[-1]))

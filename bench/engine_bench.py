@@ -5,7 +5,9 @@ classifier-free guidance, text of 300 tokens, total lengths 1000 and 2000 frames
     python bench/engine_bench.py --compiled fp16 bf16 bf16,precision=pure --load-test fp16 bf16
     python bench/engine_bench.py --skip-eager --buckets 1024 2048 --profile --compiled fp16 fp16,conv=cudnn
     python bench/engine_bench.py --compiled fp16 fp16,attention=padded --graph-only fp16,attention=padded
-    python bench/engine_bench.py --skip-eager --compiled fp16 fp16,tuning=coordinate-descent --interleaved
+    python bench/engine_bench.py --skip-eager --compiled fp16 bf16,precision=fp8 --interleaved --fp8-layers
+    python bench/engine_bench.py --skip-eager --compiled fp16 --batches 1 2 4 8 16 32 --batch-lengths 512 576
+    python bench/engine_bench.py --skip-eager --compiled fp16 --schedules 16:epss 7:epss
 
 Rows: the fp32 eager reference, eager fp16, the compiled engines (any build flags, e.g. bf16 in
 mixed and pure precision) with and without the CUDA graph of the loop; the vocoder alone; end to
@@ -17,8 +19,11 @@ separates one process or machine from the next. `--profile` adds a
 kernel breakdown of one step and, for one replay, the GPU's idle time and where it falls. Also
 the load time of a saved compiled engine in a fresh process (a new compiler cache directory, so
 nothing but the engine's own artifacts can help it), and the error floor of each low precision:
-the fp32 network with its weights rounded to fp16 / bf16 (what any engine of that dtype inherits
-from its weights alone).
+the fp32 network with its weights rounded to fp16 / bf16 / fp8 (what any engine of that precision
+inherits from its weights alone). `--batches` times the captured loop per utterance at each batch
+size (what a server's batches cost the engine), `--schedules` end to end and the mel error at
+fewer steps (e.g. 16:epss) against the 32-step fp32 reference, `--fp8-layers` the error of each
+FP8 layer's output on the reference's own activations.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indicf5.backends.base import EngineSpec  # noqa: E402
+from indicf5.backends.compiled import fp8  # noqa: E402
 from indicf5.backends.compiled import CompiledBackend, CompiledEngine, bucket_for  # noqa: E402
 from indicf5.config import TORCH_DTYPES, ModelConfig  # noqa: E402
 from indicf5.model import DiT  # noqa: E402
@@ -112,17 +118,20 @@ with torch.inference_mode():
 t3 = time.perf_counter()
 print(f"phases: cache artifacts {t1 - start:.1f} s, construct + warm-up (compile) {t2 - t1:.1f} s, graph capture {t3 - t2:.1f} s")
 print("inductor counters", dict(counters["inductor"]))
-print(f"LOAD_SECONDS {t3 - start:.2f}")
-for (size, *_), loop in sorted(engine.graphs.items()) if device == "cuda" else ():
-    if str(size) in sys.argv[3:]:  # the loaded engine's kernels (tuned or not) at the benchmark's buckets
-        loop.graph.replay()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(10):
-            loop.graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        print(f"loaded engine: replay of the {size}-frame bucket {begin.elapsed_time(end) / 10:.1f} ms")
+print(f"LOAD_SECONDS {t3 - start:.2f}  shapes captured {engine.captures}, graph memory {engine.graph_memory_bytes() / 2**20:.0f} MiB")
+from indicf5.sampler import sample
+for size in map(int, sys.argv[3:]) if device == "cuda" else ():  # the loaded engine's kernels at the benchmark's buckets
+    c = engine.dit.config
+    sample(engine, torch.randn(1, size // 3, c.mel_dim, device=device), torch.randint(0, 100, (1, size // 5), device=device),
+           [size], nfe=32, seed=0, dtype=engine.state_dtype)  # the shape's buffers hold a real utterance
+    engine.replay(size, 1, 32)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(10):
+        engine.replay(size, 1, 32)
+    end.record()
+    torch.cuda.synchronize()
+    print(f"loaded engine: replay of the {size}-frame bucket {begin.elapsed_time(end) / 10:.1f} ms")
 """
 
 
@@ -168,11 +177,11 @@ def profile_graph(engine, n: int, top: int = 8) -> None:
     which kernel-to-kernel transitions the gaps lie."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphed = next(g for (size, *_), g in engine.graphs.items() if size == bucket_for(n, engine.buckets))
-    graphed.graph.replay()
+    size = bucket_for(n, engine.buckets)
+    engine.replay(size, 1, 32)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graphed.graph.replay()
+        engine.replay(size, 1, 32)
         torch.cuda.synchronize()
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
@@ -201,15 +210,93 @@ def interleaved_replays(engines: dict[str, CompiledEngine], lengths: list[int], 
     for _ in range(rounds):
         for name, engine in engines.items():
             for n in lengths:
-                graph = next(g.graph for (size, *_), g in engine.graphs.items() if size == bucket_for(n, engine.buckets))
-                graph.replay()
+                size = bucket_for(n, engine.buckets)
+                engine.replay(size, 1, 32)
                 begin.record()
                 for _ in range(replays):
-                    graph.replay()
+                    engine.replay(size, 1, 32)
                 end.record()
                 torch.cuda.synchronize()
                 times[(name, n)].append(begin.elapsed_time(end) / replays)
     return {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+
+
+def fp8_rounded_weights(dit: DiT) -> None:
+    """The blocks' FP8 layers of an fp32 DiT with their weights rounded through e4m3 (per output channel)."""
+    with torch.no_grad():
+        for block in dit.transformer_blocks:
+            attn, ff = block.attn, block.ff.ff
+            for linear in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0], ff[0][0], ff[2]):
+                linear.weight.copy_(fp8.dequantize(*fp8.quantize_rows(linear.weight)))
+
+
+def fp8_layer_errors(reference: DiT, inputs, n: int, device: str, results: dict, top: int = 10) -> None:
+    """relL2 of each FP8 layer's output against the fp32 layer, on the activations the reference
+    itself feeds that layer in one guided step at t = 0.5 (hooks), worst first."""
+    cond, text = inputs
+    errors = {}
+    hooks = []
+
+    def watch(name, weight, bias):
+        def hook(module, args, out):
+            x = args[0].flatten(0, -2)
+            errors.setdefault(name, []).append(float((fp8.Fp8Linear.of(weight, bias, torch.float32)(x) - out.flatten(0, -2))
+                                                     .norm() / out.norm()))
+        return hook
+
+    for i, block in enumerate(reference.transformer_blocks):
+        attn, ff = block.attn, block.ff.ff
+        for name, linear in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0]), ("ff1", ff[0][0]),
+                             ("ff2", ff[2])):
+            hooks.append(linear.register_forward_hook(watch(f"{i}.{name}", linear.weight, linear.bias)))
+    x = torch.randn(1, n, reference.config.mel_dim, device=device)
+    full = torch.nn.functional.pad(cond, (0, 0, 0, n - cond.shape[1]))
+    with torch.inference_mode():
+        reference(torch.cat((x, x)), torch.cat((full, torch.zeros_like(full))),
+                  reference.embed_text(torch.cat((text, torch.full_like(text, -1))), n), torch.tensor(0.5, device=device))
+    for h in hooks:
+        h.remove()
+    worst = sorted(((max(v), k) for k, v in errors.items()), reverse=True)
+    results["fp8_layer_rel_l2"] = {k: max(v) for k, v in errors.items()}
+    print(f"FP8 layer outputs vs fp32 at {n} frames: median {sorted(e for e, _ in worst)[len(worst) // 2]:.2e}, worst:", flush=True)
+    for err, name in worst[:top]:
+        print(f"    block.layer {name:10} relL2 {err:.2e}", flush=True)
+
+
+def batch_replays(engine: CompiledEngine, variant: str, lengths: list[int], batches: list[int], nfe: int, results: dict) -> None:
+    """ms per utterance at each batch size of utterances of n frames (a third reference, text of a
+    fifth): sample() whole, and the captured loop's replay alone after it (its buffers then hold
+    that batch): the engine's own throughput at the shapes a server forms."""
+    c, g = engine.dit.config, torch.Generator().manual_seed(1)
+    for n in lengths:
+        size = bucket_for(n, engine.buckets)
+        base = None
+        for rows in batches:
+            if rows * size > engine.max_tokens:
+                continue
+            cond = torch.randn(rows, n // 3, c.mel_dim, generator=g).cuda()
+            text = torch.randint(0, c.text_num_embeds, (rows, n // 5), generator=g).cuda()
+            run = lambda: sample(engine, cond, text, [n] * rows, nfe=nfe, seed=list(range(rows)), dtype=engine.state_dtype)  # noqa: E731
+            whole = timed(run, "cuda", repeats=3) / rows
+            ms = timed(lambda: engine.replay(size, rows, nfe), "cuda", repeats=5) / rows
+            base = base or ms
+            results.setdefault("batch_ms_per_utterance", {}).setdefault(variant, {}).setdefault(str(n), {})[rows] = \
+                {"sample": whole, "replay": ms}
+            print(f"  batch {variant:24} {n:5} frames (bucket {size}) x {rows:3}: replay {ms:7.2f} ms an utterance "
+                  f"({base / ms:4.2f}x batch {batches[0]}), sample() {whole:7.2f} ms", flush=True)
+
+
+def schedule_row(engine, variant: str, steps: int, schedule: str, inputs, reference, vocoder, device: str, results: dict) -> None:
+    """End to end (loop + vocoder) at `steps` steps of `schedule`, and the mel's relL2 against the
+    fp32 reference's 32 uniform steps."""
+    for n, (cond, text) in inputs.items():
+        run = lambda: sample(engine, cond, text, [n], nfe=steps, schedule=schedule, seed=0, dtype=engine.state_dtype)  # noqa: E731
+        mel = run()
+        e2e = timed(lambda: vocoder.decode(run()[:, cond.shape[1]:].transpose(1, 2).float()), device, repeats=5)
+        rel = float((mel.double() - reference[n].double()).norm() / reference[n].double().norm())
+        results["rows"].append({"engine": f"compiled {variant} {steps} {schedule}", "frames": n, "e2e_ms": e2e, "rel_l2_vs_fp32": rel})
+        print(f"  {variant} {steps:3} steps {schedule:8} {n:5} frames: e2e {e2e:7.1f} ms  mel relL2 vs fp32 32 uniform {rel:.2e}",
+              flush=True)
 
 
 def main() -> None:
@@ -230,6 +317,10 @@ def main() -> None:
     ap.add_argument("--interleaved", action="store_true",
                     help="keep the compiled engines and, at the end, time their replays taking turns (a same-process A/B)")
     ap.add_argument("--no-vocoder", dest="vocoder", action="store_false")
+    ap.add_argument("--batches", type=int, nargs="*", default=[], help="batch sizes whose captured loop is timed per utterance")
+    ap.add_argument("--batch-lengths", type=int, nargs="+", default=[512, 576], help="total frames of the --batches rows")
+    ap.add_argument("--schedules", nargs="*", default=[], help="STEPS:SCHEDULE runs of each compiled engine, e.g. 16:epss 7:epss")
+    ap.add_argument("--fp8-layers", action="store_true", help="the relL2 of each FP8 layer's output on the reference's activations")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = (ModelConfig(dim=64, depth=2, heads=4, dim_head=16, text_dim=32, conv_layers=1, text_num_embeds=300)
@@ -271,10 +362,9 @@ def main() -> None:
             row = {"engine": label, "frames": n, "loop_ms": loop_ms, "e2e_ms": e2e_ms, "loop_tflops": tflops,
                    "fraction_of_matmul_rate": tflops / rate if rate == rate else None, "peak_mb": peak_mb(device),
                    "rel_l2_vs_fp32": rel, "finite": bool(torch.isfinite(mel).all())}
-            graphed = [g for (size, *_), g in getattr(model, "graphs", {}).items()
-                       if getattr(model, "cuda_graphs", False) and size == bucket_for(n, model.buckets)]
-            if graphed:  # what of the loop's time is the graph's replay, and what the rest of sample()
-                row["replay_ms"] = timed(graphed[0].graph.replay, device)
+            graphed = getattr(model, "cuda_graphs", False)
+            if graphed:  # what of the loop's time is the graphs' replay, and what the rest of sample()
+                row["replay_ms"] = timed(lambda: model.replay(bucket_for(n, model.buckets), 1, args.nfe), device)
             results["rows"].append(row)
             replay = f"  (replay {row['replay_ms']:6.1f} ms)" if graphed else ""
             print(f"{label:32} {n:5} frames: loop {loop_ms:8.1f} ms  e2e {e2e_ms:8.1f} ms  {tflops:6.1f} TFLOP/s  "
@@ -287,9 +377,11 @@ def main() -> None:
     else:  # the reference's output alone, for the error columns
         for n in args.lengths:
             reference[n] = sample(dit("fp32"), *inputs[n], [n], nfe=args.nfe, seed=0)
-    for low in ("fp16", "bf16"):
+    for low in ("fp16", "bf16", "fp8"):
         rounded = dit("fp32")
-        rounded.load_state_dict({k: v.to(TORCH_DTYPES[low]).float() for k, v in state.items()})
+        rounded.load_state_dict({k: v.to(TORCH_DTYPES[low]).float() for k, v in state.items()} if low != "fp8" else state)
+        if low == "fp8":  # the blocks' FP8 layers' weights through e4m3 and back, the rest fp32
+            fp8_rounded_weights(rounded)
         for n in args.lengths:
             rel = float((sample(rounded, *inputs[n], [n], nfe=args.nfe, seed=0).double() - reference[n].double()).norm()
                         / reference[n].double().norm())
@@ -339,6 +431,11 @@ def main() -> None:
                         profile_graph(engine, n)
                     except Exception as e:  # as above: the timings stand without it
                         print(f"  graph {n} frames FAILED: {type(e).__name__}: {e}", flush=True)
+            if args.batches and device == "cuda":
+                batch_replays(engine, variant, args.batch_lengths, args.batches, args.nfe, results)
+            for run in args.schedules:
+                steps, schedule = run.split(":")
+                schedule_row(engine, variant, int(steps), schedule, inputs, reference, vocoder, device, results)
             if args.interleaved and device == "cuda":
                 kept[variant] = engine
             del engine
@@ -354,6 +451,9 @@ def main() -> None:
             results.setdefault("load_seconds", {})[variant] = float(load[0].split()[1]) if load else done.stderr[-1500:]
             print(f"load of the saved {variant} engine in a fresh process (cold compiler cache): "
                   f"{results['load_seconds'][variant]} s", flush=True)
+
+    if args.fp8_layers:
+        fp8_layer_errors(dit("fp32"), inputs[args.lengths[0]], args.lengths[0], device, results)
 
     if kept:
         medians = interleaved_replays(kept, args.lengths)

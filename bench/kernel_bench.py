@@ -27,8 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indicf5.backends import conv_kernel  # noqa: E402
-from indicf5.backends.rope_kernel import rotate_first_head_  # noqa: E402
-from indicf5.backends.padded_attention import attend, padded_attention  # noqa: E402
+from indicf5.backends.compiled.kernels.rope import rotate_first_head_  # noqa: E402
+from indicf5.backends.compiled.kernels.attention import attend, padded_attention  # noqa: E402
 from indicf5.backends.compiled import ChannelsLastConvPositionEmbedding, Padding, TritonConvPositionEmbedding  # noqa: E402
 from indicf5.config import TORCH_DTYPES  # noqa: E402
 from indicf5.model import ConvPositionEmbedding, rope_angles, rope_inv_freq, rotate_first_head, sdpa_attend  # noqa: E402

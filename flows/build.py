@@ -20,12 +20,14 @@ from prefect.states import Completed
 from indicf5.benchmark import BenchmarkConfig
 from indicf5.config import DType, Schedule
 from indicf5.hub import DEFAULT_REPO
+from indicf5.mlflow_lock import tracking_lock
 from indicf5.parity import ParityConfig
 from indicf5.settings import Settings
 from indicf5.summary import BranchSummary, BuildSummary
 from indicf5.tracking import BranchRecord
 from tasks.benchmark import benchmark
 from tasks.build import build_engine
+from tasks.common import sweep_stale_writes
 from tasks.convert import convert_checkpoint
 from tasks.download import download_snapshot
 from tasks.environment import check_environment
@@ -96,6 +98,7 @@ def build_engine_flow(
         parity: The parity gate: lengths, steps and relative-L2 thresholds per dtype.
         build_flags: Backend build flags, overriding the backend's defaults.
     """
+    sweep_stale_writes()
     pairs = list(product(backends, dtypes))
     stages = Stages(total=int(synthetic) + 4 + 4 * len(pairs) + 1)
     if synthetic:
@@ -123,7 +126,8 @@ def build_engine_flow(
                                       e2e_p50_ms={n: v["e2e_p50_ms"] for n, v in bench.info["summary"].items()}))
 
     failures = {f"{b.backend}-{b.dtype}": b.error for b in branches if b.error}
-    run_id = stages.run(register, "register", source, environment, snapshot, export, records, failures, nfe)
+    with tracking_lock(Settings()):  # builds started together find, or create, one parent run
+        run_id = stages.run(register, "register", source, environment, snapshot, export, records, failures, nfe)
     summary = BuildSummary(source=source, stages=stages.states, branches=branches, mlflow_run_id=run_id,
                            tracking_uri=Settings().tracking_uri)
     update_progress_artifact(stages.progress, 100.0)

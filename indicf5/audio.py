@@ -39,10 +39,24 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(data.T), rate
 
 
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """float samples -> 16-bit little-endian integers, as every container and stream carries them."""
+    return np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+
+
+def wav_stream_header(rate: int) -> bytes:
+    """The 44-byte header of a 16-bit mono WAV whose length is not known yet (a stream): the RIFF
+    and data sizes are 0xFFFFFFFF, which readers take as "until the end"."""
+    return (b"RIFF" + (0xFFFFFFFF).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+            + (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + rate.to_bytes(4, "little")
+            + (2 * rate).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+            + b"data" + (0xFFFFFFFF).to_bytes(4, "little"))
+
+
 def audio_bytes(samples: np.ndarray, rate: int, container: str = "WAV") -> bytes:
     """16-bit audio in a WAV, FLAC or RAW (headerless little-endian) container; the samples are
     quantised here, once, so every container carries the same integers."""
-    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    pcm = pcm16(samples)
     buf = io.BytesIO()
     sf.write(buf, pcm, rate, format=container, subtype="PCM_16", **({"endian": "LITTLE"} if container == "RAW" else {}))
     return buf.getvalue()
@@ -204,14 +218,37 @@ class MelSpectrogram(torch.nn.Module):
         return self.transform(wave).clamp(min=1e-5).log()
 
 
+class CrossFade:
+    """Chunks joined with a linear cross-fade of `seconds` (shortened to fit short chunks), as they
+    come: `push` returns the samples that no later chunk can change, `close` the rest. Joining
+    all chunks at once (`cross_fade`) is the same computation, so a stream equals the whole."""
+
+    def __init__(self, rate: int, seconds: float):
+        self.fade = int(seconds * rate)
+        self.tail = np.zeros(0, dtype=np.float32)  # the output's last samples, which the next chunk fades into
+        self.first = True
+
+    def push(self, wave: np.ndarray) -> np.ndarray:
+        if self.first:
+            joined, self.first = wave, False
+        else:
+            n = min(self.fade, len(self.tail), len(wave))  # the tail holds min(fade, all output so far)
+            if n <= 0:
+                joined = np.concatenate([self.tail, wave])
+            else:
+                ramp = np.linspace(0.0, 1.0, n, dtype=self.tail.dtype)
+                kept = self.tail[:len(self.tail) - n]
+                joined = np.concatenate([kept, self.tail[len(self.tail) - n:] * (1 - ramp) + wave[:n] * ramp, wave[n:]])
+        hold = min(max(self.fade, 0), len(joined))  # what the next chunk may still fade
+        out, self.tail = joined[:len(joined) - hold], joined[len(joined) - hold:]
+        return out
+
+    def close(self) -> np.ndarray:
+        out, self.tail = self.tail, self.tail[:0]
+        return out
+
+
 def cross_fade(waves: list[np.ndarray], rate: int, seconds: float) -> np.ndarray:
     """Join chunks with a linear cross-fade of `seconds` (shortened to fit short chunks)."""
-    out = waves[0]
-    for nxt in waves[1:]:
-        n = min(int(seconds * rate), len(out), len(nxt))
-        if n <= 0:
-            out = np.concatenate([out, nxt])
-            continue
-        fade = np.linspace(0.0, 1.0, n, dtype=out.dtype)
-        out = np.concatenate([out[:-n], out[-n:] * (1 - fade) + nxt[:n] * fade, nxt[n:]])
-    return out
+    joiner = CrossFade(rate, seconds)
+    return np.concatenate([*(joiner.push(w) for w in waves), joiner.close()])

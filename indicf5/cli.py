@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from indicf5.errors import InputError
 
@@ -21,6 +25,21 @@ def _make_synthetic(args) -> None:
                          conv_layers=args.conv_layers, seed=args.seed, replace=args.force)
     print(f"synthetic IndicF5 snapshot: {out}")
     print(f"  reference: {out / 'reference.wav'} ({(out / 'reference.txt').read_text().strip()})")
+
+
+def _stream(synth, args, ref_text: str, sampling) -> None:
+    """WAV with a streaming header, written chunk by chunk as the text is rendered (`--out -`: stdout)."""
+    from indicf5.audio import pcm16, wav_stream_header
+
+    out = sys.stdout.buffer if str(args.out) == "-" else open(args.out, "wb")
+    try:
+        out.write(wav_stream_header(synth.mel_config.sample_rate))
+        for samples in synth.stream(args.text, args.ref_audio, ref_text, sampling):
+            out.write(pcm16(samples).tobytes())
+            out.flush()
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
 
 
 def _synth(args) -> None:
@@ -41,6 +60,9 @@ def _synth(args) -> None:
     else:
         synth = Synthesizer.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, vocab=args.vocab,
                                             vocoder_dir=args.vocoder)
+    if args.stream:
+        _stream(synth, args, ref_text, sampling)
+        return
     speech = synth.synthesize(args.text, args.ref_audio, ref_text, sampling, progress=True)
     write_wav(args.out, speech.wave, speech.sample_rate)
     print(f"{args.out}: {len(speech.wave) / speech.sample_rate:.2f} s at {speech.sample_rate} Hz, {len(speech.chunks)} chunk(s)")
@@ -55,6 +77,7 @@ def _build(args) -> int:
                   backends=args.backend or ["eager"], dtypes=args.dtype or ["fp32", "fp16"], nfe=args.nfe,
                   schedule=args.schedule, bench_lengths=args.bench_lengths,
                   parity=ParityConfig(nfe=args.parity_nfe, schedule=args.schedule))
+    start_prefect_api()
     state = build_engine_flow(**params, return_state=True)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, StageFailed) and isinstance(outcome.error, InputError):
@@ -84,6 +107,7 @@ class FlowFailed(Exception):
 
 def _flow_outcome(flow_fn, **params):
     """The flow's return value; bad input raises InputError (exit 2), other failures FlowFailed."""
+    start_prefect_api()
     outcome = flow_fn(**params, return_state=True).result(raise_on_failure=False)
     if isinstance(outcome, InputError):
         raise outcome
@@ -153,7 +177,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--text", required=True)
     s.add_argument("--ref-audio", required=True, type=Path)
     s.add_argument("--ref-text", help="transcript of the reference (default: the .txt beside --ref-audio)")
-    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--out", required=True, type=Path, help="the WAV to write; with --stream, - writes to stdout")
+    s.add_argument("--stream", action="store_true",
+                   help="write the audio as each text chunk is rendered (a WAV with a streaming header; the same samples)")
     s.add_argument("--vocab", type=Path, help="vocab.txt, when --checkpoint is a single file")
     s.add_argument("--vocoder", type=Path, help="local vocos directory, when the checkpoint bundles no vocoder")
     s.add_argument("--nfe", type=int, default=32)
@@ -201,6 +227,49 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, help="queued requests before answering 429 (default 64)")
     s.set_defaults(run=_serve)
     return p
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when `parent` ends, however it ends (Linux)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent was gone before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+def start_prefect_api() -> None:
+    """Without PREFECT_API_URL, Prefect's temporary API server for this command, started here and
+    bound to this process: SIGKILL leaves Prefect no chance to stop it, so the kernel does (parent-
+    death signal). Starts are serialised per Prefect home: a first start migrates its database."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled or not sys.platform.startswith("linux"):
+        return
+    import subprocess
+
+    from filelock import FileLock
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class ServerOfThisProcess(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            popen = subprocess.Popen  # Prefect's own command, with the signal armed in its child
+            subprocess.Popen = functools.partial(popen, preexec_fn=_dies_with(os.getpid()))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with FileLock(settings.home / "indicf5-server-start.lock"):
+        ServerOfThisProcess().start()  # the instance Prefect's clients use (one server a process)
 
 
 def use_prefect_defaults() -> None:

@@ -38,7 +38,8 @@ class HubAccessError(InputError):
 
 
 class TransientHubError(Exception):
-    """A timeout, a dropped connection, a 5xx, a corrupt transfer: worth retrying with backoff."""
+    """A timeout, a dropped connection, a 5xx, a corrupt transfer: worth retrying with backoff. The
+    message states what happened; whoever retries says so (the last attempt's message is final)."""
 
 
 class FileRef(BaseModel):
@@ -73,13 +74,14 @@ def classify(e: BaseException, where: str, repo_id: str, revision: str) -> BaseE
             return HubAccessError(f"access to {where} refused ({status}): set HF_TOKEN to a token that can read it, "
                                   "and accept the model's terms on its page")
         if status is None or status >= 500 or status in (408, 429):
-            return TransientHubError(f"hub error for {where} ({status}); will retry")
+            return TransientHubError(f"hub error for {where} ({status})")
         return HubAccessError(f"hub refused {where} ({status}): {str(e).splitlines()[0]}")
     if isinstance(e, httpx2.TransportError):
-        return TransientHubError(f"cannot reach the hub for {where} ({type(e).__name__}); will retry")
+        return TransientHubError(f"cannot reach the hub for {where} ({type(e).__name__}): check the network and "
+                                 "HF_ENDPOINT")
     if isinstance(e, LocalEntryNotFoundError):  # snapshot_download wraps what stopped it
         cause = e.__cause__ or e.__context__
-        return classify(cause, where, repo_id, revision) if cause else TransientHubError(f"download of {where} failed; will retry")
+        return classify(cause, where, repo_id, revision) if cause else TransientHubError(f"download of {where} failed")
     return None
 
 
@@ -130,7 +132,8 @@ def download_snapshot(ref: SourceRef) -> Path:
     if bad:
         for name in bad:
             (path / name).resolve().unlink(missing_ok=True)
-        raise TransientHubError(f"downloaded {', '.join(bad)} of {ref.repo_id}@{ref.sha[:12]} do not match the hub's hashes; removed, will retry")
+        raise TransientHubError(f"downloaded {', '.join(bad)} of {ref.repo_id}@{ref.sha[:12]} do not match the hub's "
+                                "hashes; removed")
     return path
 
 

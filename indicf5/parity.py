@@ -21,8 +21,9 @@ class ParityConfig(BaseModel):
     nfe: int = Field(8, description="steps of the full sampling comparison")
     schedule: Schedule = Field("uniform", description="time grid of the full sampling comparison (SamplingConfig)")
     seed: int = 0
-    thresholds: dict[str, float] = Field({"fp32": 1e-4, "fp16": 3e-3, "bf16": 2e-2},
-                                         description="largest relative L2 error allowed, per dtype")
+    # fp8: an FP8 engine (precision fp8) of either dtype; measured 6.0e-3 on an H200 (docs/performance.md)
+    thresholds: dict[str, float] = Field({"fp32": 1e-4, "fp16": 3e-3, "bf16": 2e-2, "fp8": 1.5e-2},
+                                         description="largest relative L2 error allowed, per dtype (fp8: FP8 engines)")
 
 
 class OutputError(BaseModel):
@@ -79,4 +80,5 @@ def check_parity(reference: FlowModel, engine: FlowModel, dtype: DType, vocab_si
         want_mel = sample(reference, cond, text, [n], nfe=config.nfe, schedule=config.schedule, seed=config.seed)
         got_mel = sample(engine, cond, text, [n], nfe=config.nfe, schedule=config.schedule, seed=config.seed, dtype=state)
         errors[str(n)] = {"velocity": compare(got_v, want_v), "mel": compare(got_mel, want_mel)}
-    return ParityReport(dtype=dtype, threshold=config.thresholds[dtype], errors=errors)
+    fp8 = getattr(getattr(engine, "choice", None), "precision", None) == "fp8"
+    return ParityReport(dtype=dtype, threshold=config.thresholds["fp8" if fp8 else dtype], errors=errors)

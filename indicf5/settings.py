@@ -24,7 +24,3 @@ class Settings(BaseSettings):
     def tracking_uri(self) -> str:
         """MLFLOW_TRACKING_URI, else a sqlite database in the workspace."""
         return self.mlflow_tracking_uri or f"sqlite:///{self.store_root / 'mlflow.db'}"
-
-    @property
-    def synthetic_snapshot(self) -> Path:
-        return self.store_root / "synthetic" / "IndicF5"

@@ -1,5 +1,6 @@
 """The runbook's stages as plain functions over the artifact store.
 
+    (synthetic ─> the embedded snapshot, a local source)
     source ─download─> snapshot ─export─> transformer export
     for each (backend, dtype): export ─convert─> checkpoint ─build─> engine ─verify─> parity ─benchmark─> latencies
 
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from indicf5 import benchmark as benchmark_module
 from indicf5 import checkpoint as checkpoint_module
-from indicf5 import hub, model, parity, plots, sampler
+from indicf5 import hub, model, parity, plots, sampler, synthetic
 from indicf5.backends import EngineSpec, build_engine, get_backend, load_engine
 from indicf5.benchmark import BenchmarkConfig, benchmark_engine
 from indicf5.checkpoint import build_model, export_transformer, load_export
@@ -27,7 +28,7 @@ from indicf5.errors import InputError
 from indicf5.parity import ParityConfig, check_parity
 from indicf5.store import ArtifactStore, Manifest, code_hash
 from indicf5.synth import Synthesizer
-from indicf5.synthetic import REF_TEXT, reference_clip
+from indicf5.synthetic import REF_TEXT, reference_clip, write_synthetic
 
 SAMPLE_TEXT = "नमस्ते! संगीत की तरह जीवन भी खूबसूरत होता है।"
 
@@ -57,17 +58,17 @@ def hashes(manifest: Manifest) -> dict[str, str]:
     return {name: f.sha256 for name, f in manifest.outputs.items()}
 
 
-# --- download: the files live in huggingface_hub's cache (or the local snapshot); the store keeps
-#     a manifest of them, so a cache hit still re-checks every byte
+# --- the synthetic snapshot: ours to make, so a damaged one is made again like any artifact
+
+SYNTHETIC = Stage("synthetic", inputs=lambda: {"code": code_hash(synthetic, model)},
+                  make=lambda out: write_synthetic(out))
 
 
-def cached_download(store: ArtifactStore, source: hub.SourceRef) -> Manifest | None:
-    return store.load("download", store.key("download", download_inputs(source)))
+# --- download: the bytes stay in huggingface_hub's cache (or the local snapshot); the store's
+#     artifact links to them and records their hashes, so a cache hit still re-checks every byte
 
 
-def download(store: ArtifactStore, source: hub.SourceRef) -> Manifest:
-    if (done := cached_download(store, source)) is not None:
-        return done
+def _download(out: Path, source: hub.SourceRef) -> dict[str, Any]:
     if source.kind == "hub":
         path = hub.download_snapshot(source)
     else:
@@ -75,11 +76,13 @@ def download(store: ArtifactStore, source: hub.SourceRef) -> Manifest:
         changed = [n for n, f in source.files.items() if not hub.file_matches(path / n, f)]
         if changed:
             raise InputError(f"{', '.join(changed)} in {path} changed while the build ran: start it again")
-    return store.record("download", download_inputs(source), path, sorted(source.files), {"repo_id": source.repo_id, "sha": source.sha})
+    for name in source.files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).symlink_to((path / name).resolve())
+    return {"repo_id": source.repo_id, "sha": source.sha, "linked_from": str(path)}
 
 
-def download_inputs(source: hub.SourceRef) -> dict[str, Any]:
-    return {"source": source.model_dump()}
+DOWNLOAD = Stage("download", inputs=lambda source: {"source": source.model_dump()}, make=_download)
 
 
 # --- export (runbook step 1)
@@ -91,7 +94,7 @@ EXPORT = Stage(
 )
 
 
-# --- convert and build, per (backend, dtype)
+# --- convert and build, per (backend, dtype) (runbook steps 4 and 5; step 3 inside the trtllm build)
 
 
 def _convert_inputs(export: Manifest, backend: str, dtype: DType) -> dict[str, Any]:
@@ -124,7 +127,7 @@ def _build(out: Path, convert: Manifest, export: Manifest, backend: str, dtype: 
 BUILD = Stage("build", inputs=_build_inputs, make=_build)
 
 
-# --- verify parity against the fp32 reference
+# --- verify parity against the fp32 reference (runbook step 6, checked)
 
 
 def _verify_inputs(engine: Manifest, export: Manifest, config: ParityConfig, device: str) -> dict[str, Any]:
@@ -147,7 +150,7 @@ def _verify(out: Path, engine: Manifest, export: Manifest, config: ParityConfig,
 VERIFY = Stage("verify", inputs=_verify_inputs, make=_verify)
 
 
-# --- benchmark, with a sample utterance and the figures
+# --- benchmark, with a sample utterance and the figures (runbook step 6, timed)
 
 
 def _benchmark_inputs(engine: Manifest, config: BenchmarkConfig, environment: EnvironmentReport) -> dict[str, Any]:

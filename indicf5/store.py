@@ -2,7 +2,8 @@
 
 Everything is written under a temporary name in the destination's own directory (same
 filesystem, so the final rename is atomic) and renamed into place only when complete. A killed
-process leaves at most a ``.tmp-*`` entry that nothing reads.
+process leaves at most a ``.tmp-*`` entry that nothing reads; the name records its writer (PID and
+host), so `sweep_stale` can remove it once that writer is gone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -26,9 +29,22 @@ from pydantic import BaseModel
 log = logging.getLogger(__name__)
 
 
+def _writer() -> str:
+    """This process, as temporary names record it: `<pid>@<host>` (host names hold no '@')."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".tmp-{path.name}-{_writer()}-"
+
+
+# .tmp-<name>-<pid>@<host>-<random>: the temporary directories and files, and publish_dir's .old-* swap
+_WRITTEN_BY = re.compile(r"^\.(?:tmp|old)-.*-(?P<pid>\d+)@(?P<host>[^@]+)-[a-z0-9_]+$")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -45,7 +61,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def temp_dir_beside(path: Path) -> Iterator[Path]:
     """A fresh temporary directory next to `path` (same filesystem), removed afterwards unless published."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is not
     try:
         yield tmp
@@ -56,9 +72,13 @@ def temp_dir_beside(path: Path) -> Iterator[Path]:
 def publish_dir(tmp: Path, path: Path) -> None:
     """Rename the complete `tmp` to `path`; whatever stood there is swapped out, then removed."""
     if path.exists():
-        old = path.with_name(f".old-{path.name}-{os.getpid()}")
-        os.replace(path, old)
-        shutil.rmtree(old, ignore_errors=True)
+        old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-{_writer()}-", dir=path.parent))
+        try:
+            os.replace(path, old / path.name)
+        except FileNotFoundError:  # a concurrent publisher swapped it out first
+            pass
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, path)
 
 
@@ -72,6 +92,32 @@ def atomic_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
     with temp_dir_beside(path) as tmp:
         yield tmp
         publish_dir(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def sweep_stale(root: Path) -> list[Path]:
+    """Removes the temporary entries under `root` (and one level down) whose writer, a process of
+    this host, is gone; a live writer's, another host's and unrecognised names are left alone."""
+    root, host, removed = Path(root), socket.gethostname(), []
+    for entry in [*root.glob(".tmp-*"), *root.glob("*/.tmp-*"), *root.glob(".old-*"), *root.glob("*/.old-*")]:
+        writer = _WRITTEN_BY.match(entry.name)
+        if writer is None or writer["host"] != host or _alive(int(writer["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +134,7 @@ class Manifest(BaseModel):
 
     stage: str
     key: str
-    path: str  # directory holding the outputs (the store's own, or the HF cache's snapshot)
+    path: str  # the store's directory holding the outputs
     inputs: dict[str, Any]  # what the key was computed from
     outputs: dict[str, FileRecord]  # paths relative to `path`
     info: dict[str, Any] = {}  # stage-specific facts: config, metrics
@@ -115,6 +161,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def record_files(root: Path, names: list[str] | None = None) -> dict[str, FileRecord]:
     names = names if names is not None else sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
     return {n: FileRecord(sha256=sha256_file(root / n), bytes=(root / n).stat().st_size) for n in names}
+
+
+def changed_files(root: Path, records: dict[str, FileRecord]) -> list[str]:
+    """The recorded files under `root` that are missing or differ from their record."""
+    return [name for name, rec in records.items()
+            if not (f := root / name).is_file() or f.stat().st_size != rec.bytes or sha256_file(f) != rec.sha256]
 
 
 def stable_hash(obj: Any) -> str:
@@ -148,11 +200,9 @@ class ArtifactStore:
             manifest = Manifest.model_validate_json(path.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        for name, rec in manifest.outputs.items():
-            f = manifest.file(name)
-            if not f.is_file() or f.stat().st_size != rec.bytes or sha256_file(f) != rec.sha256:
-                log.warning("%s/%s: %s is missing or changed; rebuilding", stage, key, name)
-                return None
+        if changed := changed_files(Path(manifest.path), manifest.outputs):
+            log.warning("%s/%s: %s missing or changed; rebuilding", stage, key, ", ".join(changed))
+            return None
         return manifest
 
     def build(self, stage: str, inputs: dict[str, Any], make: Callable[[Path], dict[str, Any]],
@@ -181,13 +231,4 @@ class ArtifactStore:
                 if (theirs := self.load(stage, key)) is not None:
                     return theirs
                 raise
-        return manifest
-
-    def record(self, stage: str, inputs: dict[str, Any], path: Path, names: list[str], info: dict[str, Any]) -> Manifest:
-        """A manifest for files that live outside the store (the HF cache), verified like the rest."""
-        key = self.key(stage, inputs)
-        manifest = Manifest(stage=stage, key=key, path=str(path), inputs=inputs, outputs=record_files(path, names), info=info,
-                            created=datetime.now(timezone.utc).isoformat())
-        with atomic_dir(self.dir(stage, key), replace=True) as tmp:
-            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         return manifest

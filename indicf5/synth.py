@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from indicf5.backends import load_engine
-from indicf5.audio import MelSpectrogram, Reference, cross_fade, prepare_reference
+from indicf5.audio import CrossFade, MelSpectrogram, Reference, cross_fade, prepare_reference
 from indicf5.checkpoint import build_model, load_checkpoint
 from indicf5.config import TORCH_DTYPES, DType, MelConfig, SamplingConfig
 from torch.nn.utils.rnn import pad_sequence
@@ -121,26 +121,43 @@ class Synthesizer:
 
     def render(self, rows: list[Row], sampling: SamplingConfig = SamplingConfig(), on_step=None) -> list[Rendered]:
         """Samples the rows as one batch (they share the sampling settings) and vocodes each."""
+        return self.vocode(self.sample_rows(rows, sampling, on_step))
+
+    def sample_rows(self, rows: list[Row], sampling: SamplingConfig = SamplingConfig(), on_step=None) -> list[torch.Tensor]:
+        """The rows' generated mels, (1, n_mels, frames) each on the device, from one batch of the
+        sampler; on CUDA the work is queued, not waited for (a server vocodes the previous batch meanwhile)."""
         cond = pad_sequence([r.cond for r in rows], batch_first=True)
         text = pad_sequence([r.ids for r in rows], batch_first=True, padding_value=-1).to(self.device)
         ref_lens = [r.cond.shape[0] for r in rows]
         mel = sample(self.model, cond, text, [r.frames for r in rows], ref_lens=ref_lens, nfe=sampling.nfe,
                      cfg_strength=sampling.cfg_strength, sway_coef=sampling.sway_coef, schedule=sampling.schedule,
-                     seed=[r.seed for r in rows],
-                     max_frames=sampling.max_frames, dtype=self.dtype, on_step=on_step)
+                     seed=[r.seed for r in rows], max_frames=sampling.max_frames, dtype=self.dtype, on_step=on_step)
         lengths = fit_durations([r.frames for r in rows], ref_lens, [len(r.ids) for r in rows], sampling.max_frames)
-        out = []
-        for row, m, n in zip(rows, mel, lengths):
-            generated = m[row.ref_frames:n].T[None]  # (1, n_mels, frames)
-            out.append(Rendered(decode(self.vocoder, generated)[0].cpu().numpy(), generated[0].cpu().numpy()))
-        return out
+        return [m[row.ref_frames:n].T[None] for row, m, n in zip(rows, mel, lengths)]
+
+    def vocode(self, mels: list[torch.Tensor]) -> list[Rendered]:
+        """Each generated mel (1, n_mels, frames) -> its wave, both on the host."""
+        return [Rendered(decode(self.vocoder, mel)[0].cpu().numpy(), mel[0].cpu().numpy()) for mel in mels]
+
+    def loudness_scale(self, utterance: Utterance, sampling: SamplingConfig) -> float:
+        """A quiet reference was raised to target_rms: the speech is scaled back to its loudness."""
+        return utterance.source_rms / sampling.target_rms if utterance.source_rms < sampling.target_rms else 1.0
 
     def finish(self, utterance: Utterance, rendered: list[Rendered], sampling: SamplingConfig = SamplingConfig()) -> Speech:
         """The rendered rows of an utterance joined into its speech."""
-        scale = utterance.source_rms / sampling.target_rms if utterance.source_rms < sampling.target_rms else 1.0
+        scale = self.loudness_scale(utterance, sampling)
         waves = [r.wave * scale for r in rendered]
         return Speech(cross_fade(waves, self.mel_config.sample_rate, sampling.cross_fade_s), self.mel_config.sample_rate,
                       np.concatenate([r.mel for r in rendered], axis=1), utterance.chunks)
+
+    def stream(self, text: str, ref_audio: str | Path, ref_text: str, sampling: SamplingConfig = SamplingConfig()):
+        """`synthesize`'s speech as it is rendered: an iterator of samples, each piece final as soon
+        as its chunk is (the cross-fade holds back only the samples the next chunk fades into)."""
+        utterance = self.prepare(text, ref_audio, ref_text, sampling)
+        scale, joiner = self.loudness_scale(utterance, sampling), CrossFade(self.mel_config.sample_rate, sampling.cross_fade_s)
+        for row in utterance.rows:
+            yield joiner.push(self.render([row], sampling)[0].wave * scale)
+        yield joiner.close()
 
     def synthesize(self, text: str, ref_audio: str | Path, ref_text: str, sampling: SamplingConfig = SamplingConfig(),
                    progress: bool = False) -> Speech:

@@ -65,22 +65,30 @@ def reference_clip(seconds: float = 2.0, rate: int = 24_000, seed: int = 0) -> n
     return (0.15 * voiced * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def make_synthetic(out: str | Path, *, dim: int = 64, depth: int = 2, heads: int = 4, text_dim: int = 32,
-                   conv_layers: int = 1, ff_mult: int = 2, seed: int = 0, replace: bool = False) -> Path:
+def make_synthetic(out: str | Path, *, replace: bool = False, **sizes) -> Path:
+    """A synthetic snapshot at `out`, written whole or not at all (see `write_synthetic` for `sizes`)."""
     out = Path(out)
+    with atomic_dir(out, replace=replace) as tmp:
+        write_synthetic(tmp, **sizes)
+    return out
+
+
+def write_synthetic(out: Path, *, dim: int = 64, depth: int = 2, heads: int = 4, text_dim: int = 32,
+                    conv_layers: int = 1, ff_mult: int = 2, seed: int = 0) -> dict:
+    """The snapshot's files into the existing directory `out`; returns its config. The same sizes
+    and seed give the same bytes."""
     vocab = synthetic_vocab()
     config = ModelConfig(dim=dim, depth=depth, heads=heads, dim_head=dim // heads, ff_mult=ff_mult,
                          text_dim=text_dim, conv_layers=conv_layers, text_num_embeds=len(vocab))
     tensors = {f"ema_model._orig_mod.transformer.{k}": v for k, v in random_transformer(config, seed).items()}
     tensors |= {f"vocoder._orig_mod.{k}": v for k, v in random_vocoder(seed).items()}
-    with atomic_dir(out, replace=replace) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / VOCAB_FILE).parent.mkdir()
-        (tmp / VOCAB_FILE).write_text("".join(c + "\n" for c in vocab), encoding="utf-8")
-        (tmp / CONFIG_FILE).write_text(json.dumps({
-            "architectures": ["INF5Model"], "model_type": "inf5", "vocab_path": VOCAB_FILE,
-            "synthetic": True, "seed": seed, **config.model_dump(),
-        }, indent=2))
-        (tmp / REF_WAV).write_bytes(audio_bytes(reference_clip(seed=seed), 24_000))
-        (tmp / REF_TXT).write_text(REF_TEXT + "\n", encoding="utf-8")
-    return out
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / VOCAB_FILE).parent.mkdir()
+    (out / VOCAB_FILE).write_text("".join(c + "\n" for c in vocab), encoding="utf-8")
+    (out / CONFIG_FILE).write_text(json.dumps({
+        "architectures": ["INF5Model"], "model_type": "inf5", "vocab_path": VOCAB_FILE,
+        "synthetic": True, "seed": seed, **config.model_dump(),
+    }, indent=2))
+    (out / REF_WAV).write_bytes(audio_bytes(reference_clip(seed=seed), 24_000))
+    (out / REF_TXT).write_text(REF_TEXT + "\n", encoding="utf-8")
+    return config.model_dump()

@@ -11,6 +11,7 @@ from tasks.common import heartbeat, stage_cache_key, store
 
 @task(name="benchmark", cache_key_fn=stage_cache_key(BENCHMARK), persist_result=True)
 def benchmark(engine: Manifest, config: BenchmarkConfig, environment: EnvironmentReport) -> Manifest:
-    """Step, loop, vocoder and end-to-end latencies (p50/p95), RTF, peak memory; a sample and plots."""
+    """Runbook step 6, timed: step, loop, vocoder and end-to-end latencies (p50/p95), RTF, peak memory;
+    a sample and plots."""
     with heartbeat(f"benchmark of {engine.info['spec']['backend']}-{engine.info['spec']['dtype']}"):
         return BENCHMARK.run(store(), engine=engine, config=config, environment=environment)

@@ -14,5 +14,5 @@ def _fingerprint(_ctx, _params) -> str:
 
 @task(name="check_environment", cache_key_fn=_fingerprint, persist_result=True)
 def check_environment() -> EnvironmentReport:
-    """Versions, the accelerator, and which backends can build here."""
+    """Runbook step 2: versions, the accelerator, and which backends can build here."""
     return check()

@@ -6,10 +6,9 @@ from pathlib import Path
 from prefect import task
 
 from indicf5 import hub
-from indicf5.settings import Settings
+from indicf5.stages import SYNTHETIC
 from indicf5.store import stable_hash
-from indicf5.synthetic import make_synthetic
-from tasks.common import RETRIES, retry_if_transient
+from tasks.common import RETRIES, last_attempt_says_so, retry_if_transient, store
 
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -34,13 +33,11 @@ def resolve_revision(repo_id: str, revision: str, checkpoint: str | None = None)
     the content hash of a local snapshot."""
     if checkpoint:
         return hub.local_source(checkpoint)
-    return hub.resolve_revision(repo_id, revision)
+    with last_attempt_says_so():
+        return hub.resolve_revision(repo_id, revision)
 
 
 @task(name="prepare_synthetic")
 def prepare_synthetic() -> str:
-    """The embedded synthetic snapshot in the workspace, made once."""
-    path = Settings().synthetic_snapshot
-    if not path.exists():
-        make_synthetic(path)
-    return str(path)
+    """The embedded synthetic snapshot in the workspace's store: made once, and again when damaged."""
+    return SYNTHETIC.run(store()).path

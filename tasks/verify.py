@@ -10,6 +10,7 @@ from tasks.common import heartbeat, stage_cache_key, store
 
 @task(name="verify_parity", cache_key_fn=stage_cache_key(VERIFY), persist_result=True)
 def verify_parity(engine: Manifest, export: Manifest, config: ParityConfig, device: str) -> Manifest:
-    """The engine against the fp32 reference; fails the branch above the dtype's threshold or on NaN/Inf."""
+    """Runbook step 6, checked: the engine against the fp32 reference; fails the branch above the
+    dtype's threshold or on NaN/Inf."""
     with heartbeat(f"parity of {engine.info['spec']['backend']}-{engine.info['spec']['dtype']}"):
         return VERIFY.run(store(), engine=engine, export=export, config=config, device=device)

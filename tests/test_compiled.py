@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import rel_l2
 
-from indicf5.backends.compiled import CompiledBackend, CompiledEngine, bucket_for
+from indicf5.backends.compiled import CompiledBackend, CompiledEngine, EngineFlags, bucket_for
 from indicf5.checkpoint import build_model
 from indicf5.sampler import sample
 
@@ -31,7 +31,7 @@ def test_bucket_choice():
 
 def test_padding_to_a_bucket_does_not_change_the_result(checkpoint):
     reference = build_model(checkpoint)
-    engine = CompiledEngine(build_model(checkpoint), buckets=(128, 256))
+    engine = CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128, 256)))
     torch.manual_seed(0)
     for n in (70, 128, 200):  # inside a bucket, exactly a bucket, inside the next
         cond, text = torch.randn(1, n // 3, 100), torch.randint(0, 100, (1, n // 4))
@@ -49,7 +49,7 @@ def test_both_schedules_run_on_one_compilation_and_match_the_reference(checkpoin
     compiles nothing new, and on CUDA replays the loop's one captured graph. On CPU each schedule
     matches the fp32 reference; on CUDA (fp16) the graph's replay matches the loop run uncaptured."""
     dtype = torch.float16 if device == "cuda" else torch.float32
-    engine = CompiledEngine(build_model(checkpoint, device, dtype), buckets=(128,))
+    engine = CompiledEngine(build_model(checkpoint, device, dtype), EngineFlags(buckets=(128,)))
     torch.manual_seed(4)
     cond, text = torch.randn(1, 30, 100, device=device), torch.randint(0, 100, (1, 25), device=device)
     run = lambda model, schedule: sample(model, cond, text, [110], nfe=7, schedule=schedule, seed=2,  # noqa: E731
@@ -59,7 +59,7 @@ def test_both_schedules_run_on_one_compilation_and_match_the_reference(checkpoin
         epss = run(engine, "epss")
     assert rel_l2(epss, uniform) > 1e-3  # the grid did reach the loop
     if device == "cuda":
-        assert len(engine.graphs) == 1
+        assert engine.captures == 1  # one shape captured, for both grids
         engine.cuda_graphs = False
         reference = engine
     else:
@@ -75,7 +75,7 @@ def test_attention_by_lengths_keeps_rows_of_different_lengths_apart(checkpoint, 
     one bucket, as batched requests do. On CUDA it is the Triton kernel in fp16, each row checked
     against the same engine sampling it alone; on CPU, the op's SDPA fallback against the reference."""
     dtype = torch.float16 if device == "cuda" else torch.float32
-    engine = CompiledEngine(build_model(checkpoint, device, dtype), buckets=(128, 256), attention="padded")
+    engine = CompiledEngine(build_model(checkpoint, device, dtype), EngineFlags(buckets=(128, 256), attention="padded"))
     reference = engine if device == "cuda" else build_model(checkpoint)
     torch.manual_seed(2)
     conds = [torch.randn(1, 40, 100, device=device), torch.randn(1, 25, 100, device=device)]
@@ -93,7 +93,7 @@ def test_attention_by_lengths_keeps_rows_of_different_lengths_apart(checkpoint, 
 def test_guidance_branches_on_two_streams_compute_what_one_batch_does(checkpoint):
     """branches 'streams' (each guidance branch on its own CUDA stream, in the loop's graph and
     without it) samples what the one batch of both branches does."""
-    engines = {branches: CompiledEngine(build_model(checkpoint, "cuda", torch.float16), buckets=(256,), branches=branches)
+    engines = {branches: CompiledEngine(build_model(checkpoint, "cuda", torch.float16), EngineFlags(buckets=(256,), branches=branches))
                for branches in ("batched", "streams")}
     torch.manual_seed(3)
     cond, text = torch.randn(1, 50, 100, device="cuda"), torch.randint(0, 100, (1, 40), device="cuda")
@@ -116,7 +116,7 @@ def patched(tensor, scope):  # triton-lang/triton#9171: Triton 3.6's interpreter
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
 interpreter._patch_lang_tensor = patched
-from indicf5.backends.padded_attention import attend
+from indicf5.backends.compiled.kernels.attention import attend
 from indicf5.model import sdpa_attend
 torch.manual_seed(0)
 n, h, dh = 200, 2, 64  # not a multiple of the 128-query tile; the short row ends inside a key tile
@@ -133,7 +133,7 @@ for row, length in enumerate(lengths.tolist()):
 
 
 def test_padded_attention_attends_each_row_to_its_length_only():
-    """padded_attention.py's kernel, run by Triton's interpreter on the CPU, on the q|k|v views the
+    """kernels/attention.py's kernel, run by Triton's interpreter on the CPU, on the q|k|v views the
     engine hands it (fp16): each row's real queries match attention over that row alone, and
     NaN in a row's padding changes nothing (TMA reads the last key tile whole: its padded keys must
     not score, and their values must be cleared before they are summed)."""
@@ -145,7 +145,7 @@ def test_padded_attention_attends_each_row_to_its_length_only():
 def test_padded_attention_refuses_a_layout_it_cannot_tile():
     """The kernel reads tokens as rows of one matrix; heads-first tensors are refused with the
     reason, before anything is launched."""
-    from indicf5.backends.padded_attention import attend
+    from indicf5.backends.compiled.kernels.attention import attend
 
     q = torch.zeros(2, 16, 4, 64, dtype=torch.float16).transpose(1, 2)  # (b, n, h, dh) view of heads-first memory
     with pytest.raises(ValueError, match="tokens are rows of one matrix"):
@@ -156,12 +156,29 @@ def test_engine_flags_that_cannot_run_here_say_so(checkpoint):
     for flags, match in (({"conv": "triton"}, "conv 'triton' needs a CUDA device"), ({"rope": "kernel"}, "rope 'kernel' needs a CUDA device"),
                          ({"branches": "streams"}, "branches 'streams' needs a CUDA device"),
                          ({"branches": "two"}, "build flag branches 'two' is not one of auto, streams, batched"),
-                         ({"tuning": "max"}, "build flag tuning 'max' is not one of none, coordinate-descent")):
+                         ({"tuning": "max"}, "unknown build flag 'tuning' for the compiled backend"),
+                         ({"batch_sizes": [2, 4]}, "batch_sizes must be increasing and start at 1"),
+                         ({"max_tokens": 64}, "max_tokens 64 must hold one utterance of the largest bucket")):
         with pytest.raises(ValueError, match=match):
-            CompiledEngine(build_model(checkpoint), buckets=(128,), **flags)
+            CompiledEngine(build_model(checkpoint), EngineFlags.parse({"buckets": [128], **flags}))
     if torch.cuda.is_available():  # the synthetic model's 4 channels a group do not fit the Triton kernel's tiles
         with pytest.raises(ValueError, match="power of two >= 16 channels per group, not 4"):
-            CompiledEngine(build_model(checkpoint, "cuda", torch.float16), buckets=(128,), conv="triton")
+            CompiledEngine(build_model(checkpoint, "cuda", torch.float16), EngineFlags(buckets=(128,), conv="triton"))
+
+
+def test_auto_flags_resolve_per_device_and_dtype():
+    """One flags model: `auto` becomes the concrete choice for a device and dtype, and the backend's
+    defaults are that model's."""
+    flags = EngineFlags()
+    assert CompiledBackend().default_flags() == flags.model_dump(mode="json", exclude={"device"})
+    cpu = flags.resolve(torch.device("cpu"), torch.bfloat16, 64)
+    assert cpu.precision == "mixed" and not (cpu.triton_conv or cpu.by_lengths or cpu.rope_kernel or cpu.cuda_graphs)
+    assert cpu.branch_streams_from is None
+    assert flags.resolve(torch.device("cpu"), torch.float16, 64).precision == "pure"
+    gpu = flags.resolve(torch.device("cuda"), torch.float16, 64)
+    assert gpu.triton_conv and gpu.by_lengths and gpu.rope_kernel and gpu.cuda_graphs and gpu.branch_streams_from == 2048
+    assert not flags.resolve(torch.device("cuda"), torch.float16, 4).triton_conv  # the groups do not fit its tiles
+    assert not flags.resolve(torch.device("cuda"), torch.float32, 64).by_lengths
 
 
 def test_build_saves_compiler_artifacts_and_loads(tmp_path, checkpoint):
@@ -183,47 +200,6 @@ def test_build_saves_compiler_artifacts_and_loads(tmp_path, checkpoint):
     assert rel_l2(sample(engine, cond, text, [100], nfe=2, seed=0), sample(reference, cond, text, [100], nfe=2, seed=0)) <= 1e-5
 
 
-TUNED_BUILD_OR_LOAD = """
-import sys
-from pathlib import Path
-from torch._dynamo.utils import counters
-from indicf5.backends.base import read_spec
-from indicf5.backends.compiled import CompiledBackend
-stage, converted, engine_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-spec = read_spec(engine_dir)
-if stage == "build":
-    CompiledBackend().build(converted, spec, engine_dir)
-else:
-    CompiledBackend().load(engine_dir, spec, "cuda")
-print("COORDESC_BENCHMARKS", counters["inductor"]["coordesc_tuning_bench"])
-"""
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_tuned_engine_loads_without_tuning_again(tmp_path, checkpoint):
-    """`tuning: coordinate-descent` tunes Inductor's kernels at build; a fresh process (its own,
-    empty compiler cache) loading the engine reads the tuned configurations from its artifacts."""
-    from safetensors.torch import save_file
-
-    from indicf5.backends.base import ENGINE_SPEC, EngineSpec
-
-    backend = CompiledBackend()
-    converted, engine_dir = tmp_path / "converted", tmp_path / "engine"
-    converted.mkdir(), engine_dir.mkdir()
-    save_file({k: v.half().contiguous() for k, v in checkpoint.transformer.items()}, str(converted / "model.safetensors"))
-    spec = EngineSpec(backend="compiled", dtype="fp16", model=checkpoint.config,
-                      build_flags={**backend.default_flags(), "buckets": [256], "tuning": "coordinate-descent", "device": "cuda"})
-    (engine_dir / ENGINE_SPEC).write_text(spec.model_dump_json())
-
-    def benchmarks_run(stage: str) -> int:
-        out = run_python(TUNED_BUILD_OR_LOAD, stage, str(converted), str(engine_dir),
-                         TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"cache-{stage}"))
-        return int(out.split("COORDESC_BENCHMARKS")[-1])
-
-    assert benchmarks_run("build") > 0
-    assert benchmarks_run("load") == 0
-
-
 def test_mixed_precision_bf16_keeps_closer_to_fp32_than_pure_bf16(checkpoint):
     reference = build_model(checkpoint)
     cond, text = torch.randn(1, 60, 100), torch.randint(0, 100, (1, 50))
@@ -231,7 +207,7 @@ def test_mixed_precision_bf16_keeps_closer_to_fp32_than_pure_bf16(checkpoint):
     pure = sample(build_model(checkpoint, "cpu", torch.bfloat16), cond, text, [200], nfe=8, seed=0, dtype=torch.bfloat16)
     errors = {}
     for precision in ("pure", "mixed"):
-        engine = CompiledEngine(build_model(checkpoint, "cpu", torch.bfloat16), buckets=(256,), precision=precision)
+        engine = CompiledEngine(build_model(checkpoint, "cpu", torch.bfloat16), EngineFlags(buckets=(256,), precision=precision))
         got = sample(engine, cond, text, [200], nfe=8, seed=0, dtype=engine.state_dtype)
         assert torch.isfinite(got).all()
         errors[precision] = rel_l2(got, want)
@@ -257,7 +233,7 @@ with torch.no_grad():
 
 
 def test_the_triton_position_convolution_computes_the_reference():
-    """conv_kernel.py's kernel, run by Triton's interpreter on the CPU, as the engine calls it."""
+    """kernels/conv.py's kernel, run by Triton's interpreter on the CPU, as the engine calls it."""
     out = run_python(TRITON_CONV_CHECK, TRITON_INTERPRET="1")
     errors = dict(line.split() for line in out.splitlines())
     assert float(errors["torch.float32"]) <= 1e-5 and float(errors["torch.float16"]) <= 2e-3, errors
@@ -265,7 +241,7 @@ def test_the_triton_position_convolution_computes_the_reference():
 
 ROPE_KERNEL_CHECK = """
 import torch
-from indicf5.backends.rope_kernel import rotate_first_head_
+from indicf5.backends.compiled.kernels.rope import rotate_first_head_
 from indicf5.model import rope_angles, rope_inv_freq, rotate_first_head
 torch.manual_seed(0)
 b, n, h, dh = 2, 76, 4, 16
@@ -283,7 +259,7 @@ for dtype in (torch.float32, torch.float16):
 
 
 def test_the_rotary_kernel_rotates_the_first_head_in_place():
-    """rope_kernel.py's kernel, run by Triton's interpreter on the CPU: q's and k's first head
+    """kernels/rope.py's kernel, run by Triton's interpreter on the CPU: q's and k's first head
     rotated where the projection left them, as the reference's copy does; v untouched."""
     out = run_python(ROPE_KERNEL_CHECK, TRITON_INTERPRET="1")
     results = {dtype: (float(err), int(v_kept)) for dtype, err, v_kept in (line.split() for line in out.splitlines())}
@@ -301,7 +277,9 @@ def test_the_triton_kernels_compile_for_hopper(dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from indicf5.backends import conv_kernel, padded_attention, rope_kernel
+    from indicf5.backends.compiled.kernels import attention as padded_attention
+    from indicf5.backends.compiled.kernels import conv as conv_kernel
+    from indicf5.backends.compiled.kernels import rope as rope_kernel
 
     hopper, pointer = GPUTarget("cuda", 90, 32), f"*{dtype}"
     rope = ASTSource(fn=rope_kernel._rotate_first_head_kernel,
@@ -325,3 +303,51 @@ def test_the_triton_kernels_compile_for_hopper(dtype):
     assert "cp.async.bulk.tensor" in compiled.asm["ptx"]  # the last one, attention's: q, k and v tiles by TMA
     ampere = triton_compile(attention, target=GPUTarget("cuda", 86, 32), options={"num_warps": padded_attention.WARPS})
     assert ".target sm_86" in ampere.asm["ptx"] and "cp.async.bulk.tensor" not in ampere.asm["ptx"]  # no TMA there: plain loads
+
+
+def test_a_batch_padded_to_a_batch_size_renders_each_row_as_alone(checkpoint):
+    """Rows of different lengths in one batch, padded up to the next batch size with copies of the
+    first row (3 -> 4 here), give each row exactly what it gives alone."""
+    engine = CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128, 256), batch_sizes=(1, 4)))
+    assert engine.batch_size_for(3) == 4 and engine.batch_size_for(1) == 1 and engine.batch_size_for(5) == 5
+    torch.manual_seed(4)
+    frames, refs, texts = [150, 90, 200], [40, 25, 60], [30, 12, 41]
+    conds = [torch.randn(1, r, 100) for r in refs]
+    ids = [torch.randint(0, 100, (1, n)) for n in texts]
+    cond = torch.nn.utils.rnn.pad_sequence([c[0] for c in conds], batch_first=True)
+    text = torch.nn.utils.rnn.pad_sequence([t[0] for t in ids], batch_first=True, padding_value=-1)
+    together = sample(engine, cond, text, frames, ref_lens=refs, nfe=3, seed=[1, 2, 3])
+    for row, (c, t, n) in enumerate(zip(conds, ids, frames)):
+        alone = sample(engine, c, t, [n], nfe=3, seed=row + 1)
+        assert torch.equal(together[row:row + 1, :n], alone), row
+
+
+def test_max_batch_follows_the_token_budget(checkpoint):
+    engine = CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128, 256, 512), batch_sizes=(1, 2, 4, 8),
+                                                                  max_tokens=1024))
+    assert [engine.max_batch(n) for n in (100, 200, 500)] == [8, 4, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_shapes_serve_every_batch_without_capturing_again(checkpoint):
+    """After capture(max_batch=4), batches of 1 to 4 rows at any length and either schedule replay
+    what was captured (the counter stays), and each row equals the same engine sampling it alone."""
+    engine = CompiledEngine(build_model(checkpoint, "cuda", torch.float16), EngineFlags(buckets=(128, 256), batch_sizes=(1, 2, 4)))
+    with torch.inference_mode():
+        engine.capture(max_batch=4)
+    captured = engine.captures
+    assert captured == 2 * 3 and engine.graph_memory_bytes() > 0
+    torch.manual_seed(5)
+    frames = [150, 90, 200]
+    conds = [torch.randn(1, 30 + i, 100, device="cuda") for i in range(3)]
+    texts = [torch.randint(0, 100, (1, 20 + i), device="cuda") for i in range(3)]
+    cond = torch.nn.utils.rnn.pad_sequence([c[0] for c in conds], batch_first=True)
+    text = torch.nn.utils.rnn.pad_sequence([t[0] for t in texts], batch_first=True, padding_value=-1)
+    for schedule in ("uniform", "epss"):
+        together = sample(engine, cond, text, frames, ref_lens=[30, 31, 32], nfe=7, schedule=schedule, seed=[1, 2, 3],
+                          dtype=engine.state_dtype)
+        for row in range(3):
+            alone = sample(engine, conds[row], texts[row], [frames[row]], nfe=7, schedule=schedule, seed=row + 1,
+                           dtype=engine.state_dtype)
+            assert rel_l2(together[row:row + 1, :frames[row]], alone) <= 2e-3, (schedule, row)
+    assert engine.captures == captured

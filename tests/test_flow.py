@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +41,7 @@ def runbook_states(summary) -> dict[str, str]:
     return {k: v for k, v in summary.stages.items() if k.split("/")[-1] in RUNBOOK_STAGES}
 
 
-def test_rebuild_of_an_unchanged_build_is_all_cached(home, prefect_api):
+def test_rebuild_of_an_unchanged_build_is_all_cached_in_its_own_workspace(home, tmp_path, prefect_api, monkeypatch):
     first = build(synthetic=True, dtypes=["fp32", "fp16"])
     assert not first.failed
     assert all(state == "Completed" for state in runbook_states(first).values()), first.stages
@@ -48,6 +51,22 @@ def test_rebuild_of_an_unchanged_build_is_all_cached(home, prefect_api):
     assert second.mlflow_run_id == first.mlflow_run_id
     assert [b.engine for b in second.branches] == [b.engine for b in first.branches]
 
+    # another workspace shares Prefect's home, hence its cache records: a hit must be one in its own store
+    other = tmp_path / "other"
+    monkeypatch.setenv("INDICF5_HOME", str(other))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # exported by the first workspace's MLflow
+    assert runbook_states(build(synthetic=True, dtypes=["fp32"]))["eager-fp32/build_engine"] == "Completed"
+    shutil.rmtree(home)
+    again = build(synthetic=True, dtypes=["fp32"])
+    assert all(state == "Cached" for state in runbook_states(again).values()), again.stages
+    engine = Path(again.branches[0].engine)
+    assert engine.is_relative_to(other) and (engine / "engine.json").is_file()
+    assert str(other) in again.tracking_uri
+    client = MlflowClient(again.tracking_uri)
+    children = client.search_runs([client.get_run(again.mlflow_run_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{again.mlflow_run_id}'")
+    assert [r.data.tags["indicf5.engine_path"] for r in children] == [str(engine)]
+
 
 def test_a_corrupted_or_deleted_artifact_is_rebuilt_not_trusted(home, prefect_api):
     first = build(synthetic=True, dtypes=["fp32"])
@@ -55,7 +74,11 @@ def test_a_corrupted_or_deleted_artifact_is_rebuilt_not_trusted(home, prefect_ap
     (engine / "model.safetensors").write_bytes(b"corrupted")
     export_dir = next((home / "export").iterdir())
     (export_dir / "indicf5_transformer.pt").unlink()
+    synthetic_weights = Path(first.source.repo_id) / "model.safetensors"
+    intact = synthetic_weights.read_bytes()
+    synthetic_weights.write_bytes(intact[: len(intact) // 2])  # the synthetic snapshot is ours: made again
     second = build(synthetic=True, dtypes=["fp32"])
+    assert synthetic_weights.read_bytes() == intact and second.source.sha == first.source.sha
     assert second.stages["export_transformer"] == "Completed"
     assert second.stages["eager-fp32/build_engine"] == "Completed"
     store = ArtifactStore(home)
@@ -64,6 +87,20 @@ def test_a_corrupted_or_deleted_artifact_is_rebuilt_not_trusted(home, prefect_ap
             assert store.load(stage, d.name) is not None, f"{stage}/{d.name} left invalid"
     third = build(synthetic=True, dtypes=["fp32"])
     assert all(state == "Cached" for state in runbook_states(third).values()), third.stages
+
+
+def processes_in_group(pgid: int) -> list[str]:
+    """The live (not zombie) processes of a process group, as their command lines."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+        if int(group) == pgid and state != "Z":
+            found.append(f"{stat.parent.name}: {cmdline}")
+    return found
 
 
 KILL_DURING_BUILD = """
@@ -80,34 +117,89 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+SMALL_CLI_BUILD = ["build", "--synthetic", "--dtype", "fp32", "--bench-lengths", "120", "--nfe", "8",
+                   "--parity-nfe", "4"]
+
+
 def cli_build(*args, env=None, **popen):
-    cmd = [sys.executable, "-m", "indicf5.cli", "build", "--synthetic", "--dtype", "fp32", "--bench-lengths", "120",
-           "--nfe", "8", "--parity-nfe", "4", *args]
+    cmd = [sys.executable, "-m", "indicf5.cli", *SMALL_CLI_BUILD, *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **popen)
 
 
-def test_sigkill_during_build_then_rerun_completes_from_cache(home, tmp_path):
+def cli_stages(stdout: str) -> dict[str, str]:
+    return dict(kv.split("=") for kv in stdout.split("stages: ")[1].splitlines()[0].split(", "))
+
+
+def test_sigkill_of_the_command_during_build_leaves_nothing_running_and_the_rerun_completes_from_cache(home, tmp_path):
     env = dict(os.environ, BUILD_STARTED=str(tmp_path / "started"))
-    cmd = [sys.executable, "-c", KILL_DURING_BUILD, "build", "--synthetic", "--dtype", "fp32", "--bench-lengths", "120",
-           "--nfe", "8", "--parity-nfe", "4"]
+    cmd = [sys.executable, "-c", KILL_DURING_BUILD, *SMALL_CLI_BUILD]
     with open(tmp_path / "stderr", "w") as stderr:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
-    deadline = time.time() + 300
-    while not (tmp_path / "started").exists():
-        assert proc.poll() is None and time.time() < deadline, \
-            f"the build never reached build_engine:\n{(tmp_path / 'stderr').read_text()[-3000:]}"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (home / "build").exists() or all(p.name.startswith(".tmp-") for p in (home / "build").iterdir())
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "started").exists():
+            assert proc.poll() is None and time.time() < deadline, \
+                f"the build never reached build_engine:\n{(tmp_path / 'stderr').read_text()[-3000:]}"
+            time.sleep(0.2)
+        assert len(processes_in_group(proc.pid)) >= 2  # the command and Prefect's temporary server
+        proc.kill()  # the command only, as `kill -9 PID` does: its server must go with it
+        proc.wait()
+        deadline = time.time() + 30
+        while (left := processes_in_group(proc.pid)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not left, f"left running after the command was killed: {left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    [killed_write] = (home / "build").iterdir()
+    assert killed_write.name.startswith(".tmp-") and f"-{proc.pid}@" in killed_write.name
 
     done = cli_build(env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    stages = dict(kv.split("=") for kv in done.stdout.split("stages: ")[1].splitlines()[0].split(", "))
+    stages = cli_stages(done.stdout)
     for stage in ("resolve_revision", "download_snapshot", "export_transformer", "eager-fp32/convert_checkpoint"):
         assert stages[stage] == "Cached", stages
     assert stages["eager-fp32/build_engine"] == "Completed"
-    assert any(not p.name.startswith(".tmp-") for p in (home / "build").iterdir())
+    assert [p.name for p in (home / "build").iterdir()] == [Path(engine_path(done.stdout)).name]  # swept
+
+
+def engine_path(stdout: str) -> str:
+    return re.search(r": engine (\S+)", stdout)[1]
+
+
+BUILD_TOGETHER = """
+import os, sys, time
+from pathlib import Path
+import indicf5.cli as cli
+start_prefect_api = cli.start_prefect_api
+def start_then_wait_for_the_other():
+    start_prefect_api()
+    ready = Path(os.environ["READY_DIR"])
+    (ready / str(os.getpid())).touch()
+    while len(list(ready.iterdir())) < 2:
+        time.sleep(0.05)
+cli.start_prefect_api = start_then_wait_for_the_other
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_two_builds_started_together_on_a_new_workspace_both_succeed_with_one_record(home, tmp_path):
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = dict(os.environ, READY_DIR=str(ready))
+    cmd = [sys.executable, "-c", BUILD_TOGETHER, *SMALL_CLI_BUILD]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    for stage in ("synthetic", "download", "export", "convert", "build", "verify", "benchmark"):
+        assert len(list((home / stage).iterdir())) == 1, f"{stage}: {list((home / stage).iterdir())}"
+    assert engine_path(outputs[0][0]) == engine_path(outputs[1][0])
+    client = MlflowClient(Settings().tracking_uri)
+    builds = client.search_runs([client.get_experiment_by_name(Settings().mlflow_experiment).experiment_id],
+                                "tags.`indicf5.kind` = 'build'")
+    assert len(builds) == 1 and all(f"MLflow run {builds[0].info.run_id}" in out for out, _ in outputs)
 
 
 def test_a_failing_branch_does_not_stop_the_others(home, prefect_api):

@@ -96,6 +96,18 @@ def test_unreachable_hub_is_transient(monkeypatch):
             hub_lib.resolve_revision(REPO, "main")
 
 
+def test_an_unreachable_hub_fails_after_the_retries_with_a_final_message(prefect_api, monkeypatch):
+    from huggingface_hub import constants
+
+    with socket_closed() as url:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        with pytest.raises(TransientHubError) as failed:
+            resolve_revision.with_options(retry_delay_seconds=0)(REPO, "main")
+    message = str(failed.value)
+    assert "cannot reach the hub" in message and "gave up after 4 attempts" in message
+    assert "will retry" not in message
+
+
 def socket_closed():
     """A loopback address where nothing listens."""
     import contextlib

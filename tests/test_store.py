@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from indicf5.store import ArtifactStore, atomic_write_bytes
+from indicf5.store import ArtifactStore, atomic_write_bytes, sweep_stale
 
 
 def make_files(out: Path, payload: bytes = b"weights", delay: float = 0.0) -> dict:
@@ -86,6 +88,48 @@ def test_two_builders_of_one_key_do_not_corrupt_each_other(tmp_path):
     assert [p.name for p in (tmp_path / "build").iterdir()] == [key]  # no leftovers
 
 
+def _paused_build(root: str, x: int, started: str, go: str) -> None:
+    """A stage that has written half its outputs, then waits for `go`."""
+    def make(out: Path) -> dict:
+        (out / "half.bin").write_bytes(b"half")
+        Path(started).touch()
+        while not Path(go).exists():
+            time.sleep(0.05)
+        return make_files(out)
+
+    ArtifactStore(root).build("build", {"x": x}, make)
+
+
+def test_temporary_dirs_of_gone_writers_are_swept_and_live_writers_kept(tmp_path):
+    root, go = tmp_path / "store", tmp_path / "go"
+    ctx = multiprocessing.get_context("spawn")
+    killed, live = (ctx.Process(target=_paused_build, args=(str(root), x, str(tmp_path / f"started-{x}"), str(go)))
+                    for x in (1, 2))
+    for p in (killed, live):
+        p.start()
+    deadline = time.time() + 60
+    while not all((tmp_path / f"started-{x}").exists() for x in (1, 2)):
+        assert time.time() < deadline and killed.is_alive() and live.is_alive()
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.join()
+    other_host = root / "build" / ".tmp-abc-1@another-host-x1y2"  # its writer cannot be checked from here
+    unknown = root / "build" / ".tmp-made-by-something-else"
+    for d in (other_host, unknown):
+        d.mkdir()
+    temps = {p.name: p for p in (root / "build").iterdir()}
+    [of_killed] = [p for name, p in temps.items() if f"-{killed.pid}@" in name]
+    [of_live] = [p for name, p in temps.items() if f"-{live.pid}@" in name]
+
+    assert sweep_stale(root) == [of_killed]
+    assert not of_killed.exists() and (of_live / "half.bin").is_file() and other_host.is_dir() and unknown.is_dir()
+    go.touch()
+    live.join(60)
+    assert live.exitcode == 0
+    store = ArtifactStore(root)
+    assert store.load("build", store.key("build", {"x": 2})) is not None  # the live writer finished its artifact
+
+
 @pytest.mark.parametrize("name", ["eager", "compiled", "trtllm"])
 def test_a_backend_keys_its_artifacts_on_its_own_code(name):
     """Editing a backend's module must invalidate the engines it built (its source is in the key)."""
@@ -98,4 +142,5 @@ def test_a_backend_keys_its_artifacts_on_its_own_code(name):
     assert Path(inspect.getfile(type(backend))) in sources
     assert all(path.is_file() for path in sources)
     if name == "compiled":  # and on the kernels its engines run
-        assert {"conv_kernel.py", "rope_kernel.py", "padded_attention.py"} <= {path.name for path in sources}
+        assert {"kernels/conv.py", "kernels/rope.py", "kernels/attention.py"} <= {f"{path.parent.name}/{path.name}"
+                                                                                for path in sources}

@@ -13,14 +13,14 @@ import torch
 
 from conftest import rel_l2
 from indicf5.backends import get_backend
-from indicf5.backends.trtllm import TRTLLM_SOURCES
+from indicf5.backends.trtllm.backend import TRTLLM_SOURCES
 from indicf5.checkpoint import build_model, export_transformer, load_export
 from indicf5.errors import InputError
 from indicf5.parity import ParityConfig
 from indicf5.synthetic import make_synthetic
-from indicf5.trtllm.convert import convert_checkpoint, trtllm_weights
-from indicf5.trtllm.executor import CheckpointExecutor
-from indicf5.trtllm.layout import checkpoint_config, is_text_weight, model_config_of, weight_table
+from indicf5.backends.trtllm.convert import convert_checkpoint, trtllm_weights
+from indicf5.backends.trtllm.executor import CheckpointExecutor
+from indicf5.backends.trtllm.layout import checkpoint_config, is_text_weight, model_config_of, weight_table
 
 SIZES = {"small": dict(dim=64, depth=2, heads=4), "wider": dict(dim=96, depth=3, heads=6, text_dim=48, conv_layers=2),
          "two-heads": dict(dim=128, depth=1, heads=2)}

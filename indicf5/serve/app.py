@@ -1,6 +1,8 @@
 """The HTTP API. Handlers validate and prepare a request (text checks, reference audio) in a thread,
 queue its rows for an inference worker, wait for them (freeing the slot if the client leaves or
-the request times out), then join and encode the audio.
+the request times out), then join and encode the audio (`speak`). Routes live on a module-level
+`APIRouter` and read the server's parts from `app.state` (config, engine, queue, voices, metrics);
+library errors map to statuses by their class (`ERROR_STATUS`).
 
     POST /v1/audio/speech   OpenAI-compatible: {"input", "voice", "speed", "response_format"}
     POST /v1/synthesize     multipart: text, ref_audio (file), ref_text
@@ -21,20 +23,20 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from indicf5.audio import prepare_reference, audio_bytes
+from indicf5.audio import CrossFade, audio_bytes, pcm16, prepare_reference, wav_stream_header
 from indicf5.backends import read_spec
 from indicf5.config import SamplingConfig, Schedule
 from indicf5.errors import InputError
 from indicf5.settings import Settings
-from indicf5.serve.batching import InferenceQueue, InferenceWorker, QueueFull
+from indicf5.serve.batching import InferenceFailed, InferenceQueue, InferenceWorker, QueueFull
 from indicf5.serve.metrics import Metrics
 from indicf5.serve.middleware import BodyLimit, Measure, error_response
 from indicf5.serve.voices import UnknownVoice, Voice, VoiceExists, VoiceStore
@@ -80,12 +82,8 @@ class SpeechRequest(BaseModel):
     response_format: ResponseFormat = "wav"
     seed: int | None = Field(None, description="same seed, same audio")
     schedule: Schedule | None = Field(None, description="time grid: uniform or epss (default: the server's)")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+    stream: bool = Field(False, description="send the audio as each text chunk is rendered (chunked transfer; pcm or wav)")
+    stream_format: Literal["audio"] | None = Field(None, description="OpenAI's: raw audio bytes (server-sent events are not served)")
 
 
 @dataclass
@@ -95,19 +93,25 @@ class Engine:
     engine_dir: Path
     config: ServerConfig
     queue: InferenceQueue
+    metrics: Metrics
     synthesizers: list[Synthesizer] = field(default_factory=list)
     workers: list[InferenceWorker] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
 
     def load(self) -> None:
-        """Loads and warms an engine per device, then starts their workers (on a thread: /healthz answers meanwhile)."""
+        """Loads and warms an engine per device, captures every shape its batches can take, then
+        starts their workers (on a thread: /healthz answers meanwhile)."""
         try:
             for device in self.config.worker_devices():
                 synth = Synthesizer.from_engine(self.engine_dir, device=device, backend=self.config.backend)
                 warm_up(synth, self.config)
                 self.synthesizers.append(synth)
+            model = self.synthesizers[0].model
+            if hasattr(model, "max_batch"):  # the engine's token budget bounds a batch's rows at each length
+                self.queue.rows_for = model.max_batch
             self.queue.workers = len(self.synthesizers)
+            self.watch_after_ready()
             self.workers = [InferenceWorker(self.queue, s) for s in self.synthesizers]
             for w in self.workers:
                 w.start()
@@ -117,6 +121,18 @@ class Engine:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("loading the engine %s failed", self.engine_dir)
 
+    def watch_after_ready(self) -> None:
+        """The metrics of what the engines compile and capture from now on (nothing, when load did it all)."""
+        from torch._dynamo.utils import counters
+
+        models = [s.model for s in self.synthesizers]
+        captures = lambda: sum(getattr(m, "captures", 0) for m in models)  # noqa: E731
+        compiles = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+        captured, compiled = captures(), compiles()
+        self.metrics.captures_after_ready.set_function(lambda: captures() - captured)
+        self.metrics.compiles_after_ready.set_function(lambda: compiles() - compiled)
+        self.metrics.graph_memory.set_function(lambda: sum(m.graph_memory_bytes() for m in models if hasattr(m, "graph_memory_bytes")))
+
     def close(self) -> None:
         self.queue.close()
         for w in self.workers:
@@ -124,181 +140,287 @@ class Engine:
 
 
 def warm_up(synth: Synthesizer, config: ServerConfig) -> None:
-    """One guided utterance through the engine, so the first request pays no first-call costs."""
+    """One guided utterance through the engine, so the first request pays no first-call costs, and
+    an engine that captures its shapes captures every one of up to max_batch_rows utterances."""
     n_mels = synth.mel_config.n_mels
     row = Row(torch.zeros(64, n_mels, device=synth.device), torch.zeros(16, dtype=torch.long), 160, 64, 0)
     synth.render([row], SamplingConfig(nfe=config.nfe))
+    if hasattr(synth.model, "capture"):
+        with torch.inference_mode():
+            synth.model.capture(max_batch=config.max_batch_rows)
 
 
-def create_app(engine_dir: Path, config: ServerConfig | None = None) -> FastAPI:
-    config = config or ServerConfig()
-    metrics = Metrics()
-    queue = InferenceQueue(metrics, config.max_queue, config.max_batch_rows, config.batch_wait_ms / 1000)
-    engine = Engine(Path(engine_dir), config, queue)
-    voices = VoiceStore(config.voices_dir or Settings().store_root / "voices")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        threading.Thread(target=engine.load, name="engine-load", daemon=True).start()
-        yield
-        engine.close()
-
-    app = FastAPI(title="IndicF5 TTS", version="0.1.0", lifespan=lifespan,
-                  description="Speech in the voice of a reference clip, from a built IndicF5 engine.")
-    app.state.engine, app.state.metrics, app.state.voices = engine, metrics, voices
-
-    # --- errors: always JSON (middleware.error_response), counted by Measure
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError):
-        return error_response(e.status, e.message, e.headers)
-
-    @app.exception_handler(InputError)
-    async def _input_error(request: Request, e: InputError):
-        return error_response(404 if isinstance(e, UnknownVoice) else 409 if isinstance(e, VoiceExists) else 400, str(e))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: {err['msg']}" for err in e.errors())
-        return error_response(422, f"invalid request: {problems}")
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, e: HTTPException):
-        return error_response(e.status_code, str(e.detail), e.headers)
-
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, e: Exception):
-        log.exception("%s %s failed", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(e).__name__}: {e}")
-
-    app.add_middleware(BodyLimit, limit=config.max_upload_bytes + 2**16)  # the upload plus its form fields
-    app.add_middleware(Measure, metrics=metrics)
-
-    # --- helpers
-
-    def require_ready() -> Synthesizer:
-        if engine.error:
-            raise ApiError(503, f"the engine failed to load: {engine.error}")
-        if not engine.ready.is_set():
-            raise ApiError(503, "the engine is still loading; retry shortly", {"Retry-After": "5"})
-        return engine.synthesizers[0]
-
-    def content_type(expected: str):
-        def check(request: Request) -> None:
-            got = request.headers.get("content-type", "").split(";")[0].strip()
-            if got != expected:
-                raise ApiError(415, f"content type {got or 'missing'!r}: this endpoint takes {expected}")
-        return Depends(check)
-
-    json_body, multipart_body = content_type("application/json"), content_type("multipart/form-data")
-
-    def check_text(text: str, what: str) -> None:
-        if not text.strip():
-            raise ApiError(400, f"{what} is empty: give the text to speak")
-        if len(text) > config.max_text_chars:
-            raise ApiError(413, f"{what} is {len(text)} characters; the limit is {config.max_text_chars}: split it into several requests")
-
-    async def save_upload(upload: UploadFile, folder: Path) -> Path:
-        if upload.size is not None and upload.size > config.max_upload_bytes:
-            raise ApiError(413, f"{upload.filename}: {upload.size} bytes; uploads are limited to {config.max_upload_bytes} bytes")
-        data = await upload.read()
-        if not data:
-            raise ApiError(400, f"{upload.filename or 'the upload'} is empty: send a WAV or FLAC reference clip")
-        path = folder / (Path(upload.filename or "").name or "upload")
-        path.write_bytes(data)
-        return path
-
-    async def speak(request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig, fmt: str) -> Response:
-        synth = require_ready()
-        utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
-        try:
-            future = queue.submit(utterance.rows, sampling)
-        except QueueFull as e:
-            raise ApiError(429, str(e), {"Retry-After": str(e.retry_after_s)}) from None
-        rendered = await wait_for(future, request, config.request_timeout_s)
-        speech = synth.finish(utterance, rendered, sampling)
-        container, media_type = AUDIO_FORMATS[fmt]
-        body = await run_in_threadpool(audio_bytes, speech.wave, speech.sample_rate, container)
-        return Response(body, media_type=media_type, headers={"X-Audio-Seconds": f"{len(speech.wave) / speech.sample_rate:.3f}",
-                                                              "X-Sample-Rate": str(speech.sample_rate)})
-
-    def sampling_for(speed: float, seed: int | None, schedule: Schedule | None) -> SamplingConfig:
-        return SamplingConfig(nfe=config.nfe, speed=speed, seed=seed, schedule=schedule or config.schedule)
-
-    # --- endpoints
-
-    @app.post("/v1/audio/speech", response_class=Response, tags=["speech"], dependencies=[json_body],
-              responses={200: {"content": {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}}}})
-    async def audio_speech(request: Request, body: SpeechRequest):
-        """Speech for `input` in a stored voice; `pcm` is raw 16-bit little-endian mono at 24 kHz."""
-        check_text(body.input, "input")
-        voice, audio = voices.get(body.voice)
-        return await speak(request, body.input, audio, voice.ref_text, sampling_for(body.speed, body.seed, body.schedule),
-                           body.response_format)
-
-    @app.post("/v1/synthesize", response_class=Response, tags=["speech"], dependencies=[multipart_body],
-              responses={200: {"content": {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}}}})
-    async def synthesize(request: Request, text: Annotated[str, Form()], ref_audio: Annotated[UploadFile, File()],
-                         ref_text: Annotated[str, Form()], speed: Annotated[float, Form(ge=0.25, le=4.0)] = 1.0,
-                         seed: Annotated[int | None, Form()] = None, response_format: Annotated[ResponseFormat, Form()] = "wav",
-                         schedule: Annotated[Schedule | None, Form()] = None):
-        """Speech for `text` in the voice of an uploaded reference clip and its transcript."""
-        check_text(text, "text")
-        check_text(ref_text, "ref_text")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = await save_upload(ref_audio, Path(tmp))
-            return await speak(request, text, path, ref_text, sampling_for(speed, seed, schedule), response_format)
-
-    @app.get("/v1/voices", tags=["voices"])
-    async def list_voices() -> list[Voice]:
-        return voices.list()
-
-    @app.post("/v1/voices", status_code=201, tags=["voices"], dependencies=[multipart_body])
-    async def add_voice(name: Annotated[str, Form()], audio: Annotated[UploadFile, File()],
-                        ref_text: Annotated[str, Form()]) -> Voice:
-        """Stores a named reference voice (the clip and its transcript) for /v1/audio/speech."""
-        check_text(ref_text, "ref_text")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = await save_upload(audio, Path(tmp))
-            await run_in_threadpool(prepare_reference, path, SamplingConfig().target_rms)  # refuses what cannot be a reference
-            return await run_in_threadpool(voices.add, name, path, ref_text, Path(audio.filename or "").suffix)
-
-    @app.delete("/v1/voices/{name}", status_code=204, tags=["voices"])
-    async def delete_voice(name: str) -> Response:
-        voices.delete(name)
-        return Response(status_code=204)
-
-    @app.get("/healthz", tags=["operations"])
-    async def healthz():
-        """The process answers."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["operations"])
-    async def readyz():
-        """Ready once the engine is loaded and warmed on every device."""
-        require_ready()
-        spec = read_spec(engine.engine_dir)
-        return {"ready": True, "engine": str(engine.engine_dir), "backend": config.backend or spec.backend,
-                "dtype": spec.dtype, "devices": [s.device for s in engine.synthesizers], "queue_depth": len(queue)}
-
-    @app.get("/metrics", tags=["operations"])
-    async def prometheus_metrics():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+# --- errors: always JSON (middleware.error_response), counted by Measure
 
 
-async def wait_for(future, request: Request, timeout_s: float):
-    """The job's result; cancels it (freeing its queue slot) when the client leaves or time runs out."""
+class ApiError(Exception):
+    """An answer other than 200 that a handler decides on, with its status."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+# Library errors by class; a subclass takes its nearest listed ancestor's status.
+ERROR_STATUS: dict[type[Exception], int] = {InputError: 400, UnknownVoice: 404, VoiceExists: 409}
+
+
+def error_status(e: Exception) -> int:
+    return next(ERROR_STATUS[c] for c in type(e).__mro__ if c in ERROR_STATUS)
+
+
+async def api_error(request: Request, e: ApiError) -> Response:
+    return error_response(e.status, e.message, e.headers)
+
+
+async def library_error(request: Request, e: Exception) -> Response:
+    return error_response(error_status(e), str(e))
+
+
+async def validation_error(request: Request, e: RequestValidationError) -> Response:
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: {err['msg']}" for err in e.errors())
+    return error_response(422, f"invalid request: {problems}")
+
+
+async def http_error(request: Request, e: HTTPException) -> Response:
+    return error_response(e.status_code, str(e.detail), e.headers)
+
+
+async def server_error(request: Request, e: Exception) -> Response:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(e).__name__}: {e}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, api_error)
+    for error in ERROR_STATUS:
+        app.add_exception_handler(error, library_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+
+
+# --- request checks
+
+
+def require_ready(engine: Engine) -> Synthesizer:
+    if engine.error:
+        raise ApiError(503, f"the engine failed to load: {engine.error}")
+    if not engine.ready.is_set():
+        raise ApiError(503, "the engine is still loading; retry shortly", {"Retry-After": "5"})
+    return engine.synthesizers[0]
+
+
+def content_type(expected: str):
+    """A route dependency: the request's media type must be `expected`."""
+    def check(request: Request) -> None:
+        got = request.headers.get("content-type", "").split(";")[0].strip()
+        if got != expected:
+            raise ApiError(415, f"content type {got or 'missing'!r}: this endpoint takes {expected}")
+    return Depends(check)
+
+
+json_body, multipart_body = content_type("application/json"), content_type("multipart/form-data")
+
+
+def check_text(text: str, what: str, config: ServerConfig) -> None:
+    if not text.strip():
+        raise ApiError(400, f"{what} is empty: give the text to speak")
+    if len(text) > config.max_text_chars:
+        raise ApiError(413, f"{what} is {len(text)} characters; the limit is {config.max_text_chars}: "
+                            "split it into several requests")
+
+
+async def save_upload(upload: UploadFile, folder: Path, config: ServerConfig) -> Path:
+    if upload.size is not None and upload.size > config.max_upload_bytes:
+        raise ApiError(413, f"{upload.filename}: {upload.size} bytes; uploads are limited to {config.max_upload_bytes} bytes")
+    data = await upload.read()
+    if not data:
+        raise ApiError(400, f"{upload.filename or 'the upload'} is empty: send a WAV or FLAC reference clip")
+    path = folder / (Path(upload.filename or "").name or "upload")
+    path.write_bytes(data)
+    return path
+
+
+def sampling_for(config: ServerConfig, speed: float, seed: int | None, schedule: Schedule | None = None) -> SamplingConfig:
+    return SamplingConfig(nfe=config.nfe, speed=speed, seed=seed, schedule=schedule or config.schedule)
+
+
+# --- speaking: prepare -> queue -> wait -> finish -> encode
+
+
+async def speak(request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig, fmt: str) -> Response:
+    state = request.app.state
+    synth = require_ready(state.engine)
+    utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
+    try:
+        future = state.queue.submit(utterance.rows, sampling)
+    except QueueFull as e:
+        raise ApiError(429, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+    rendered = await wait_for(future, request, state.config.request_timeout_s)
+    speech = synth.finish(utterance, rendered, sampling)
+    container, media_type = AUDIO_FORMATS[fmt]
+    body = await run_in_threadpool(audio_bytes, speech.wave, speech.sample_rate, container)
+    return Response(body, media_type=media_type, headers={"X-Audio-Seconds": f"{len(speech.wave) / speech.sample_rate:.3f}",
+                                                          "X-Sample-Rate": str(speech.sample_rate)})
+
+
+async def wait_for(future, request: Request | None, timeout_s: float):
+    """The job's result; cancels it (freeing its queue slot) when the client leaves or time runs out.
+    Without `request` only the time is watched (a stream's body: Starlette cancels it when the client leaves)."""
     waiting = asyncio.wrap_future(future)
     deadline = time.monotonic() + timeout_s
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=min(0.1, max(0.0, deadline - time.monotonic())))
         if done:
             return waiting.result()
-        if await request.is_disconnected():
+        if request is not None and await request.is_disconnected():
             future.cancel()
             raise ApiError(499, "client closed the request")
         if time.monotonic() >= deadline:
             future.cancel()
             raise ApiError(504, f"no result within {timeout_s:g} s; the server is busy, retry later")
+
+
+async def speak_stream(request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig,
+                       fmt: str) -> StreamingResponse:
+    """`speak`'s audio as it is rendered: the first chunk queued alone, the rest as one job that
+    follows it, each chunk's final samples sent as soon as it is vocoded (the same samples as
+    the whole response: audio.CrossFade)."""
+    if fmt not in ("pcm", "wav"):
+        raise ApiError(422, f"invalid request: response_format {fmt!r} cannot stream; stream pcm or wav")
+    state = request.app.state
+    synth = require_ready(state.engine)
+    utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
+    futures = []
+    try:
+        futures.append(state.queue.submit(utterance.rows[:1], sampling))
+        if len(utterance.rows) > 1:
+            futures.append(state.queue.submit(utterance.rows[1:], sampling, after=futures[0]))
+    except QueueFull as e:
+        for future in futures:
+            future.cancel()
+        raise ApiError(429, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+    rate, deadline = synth.mel_config.sample_rate, time.monotonic() + state.config.request_timeout_s
+    scale, joiner = synth.loudness_scale(utterance, sampling), CrossFade(rate, sampling.cross_fade_s)
+
+    async def audio():
+        try:
+            if fmt == "wav":
+                yield wav_stream_header(rate)
+            for future in futures:
+                for rendered in await wait_for(future, None, max(0.0, deadline - time.monotonic())):
+                    yield pcm16(joiner.push(rendered.wave * scale)).tobytes()
+            yield pcm16(joiner.close()).tobytes()
+        except (ApiError, InferenceFailed) as e:  # the status is sent already: the stream ends short
+            log.warning("stream ended early: %s", e)
+        finally:
+            for future in futures:
+                future.cancel()
+
+    return StreamingResponse(audio(), media_type=AUDIO_FORMATS[fmt][1], headers={"X-Sample-Rate": str(rate)})
+
+
+# --- routes
+
+
+router = APIRouter()
+AUDIO_RESPONSES = {200: {"content": {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}}}}
+
+
+@router.post("/v1/audio/speech", response_class=Response, tags=["speech"], dependencies=[json_body],
+             responses=AUDIO_RESPONSES)
+async def audio_speech(request: Request, body: SpeechRequest):
+    """Speech for `input` in a stored voice; `pcm` is raw 16-bit little-endian mono at 24 kHz."""
+    config = request.app.state.config
+    check_text(body.input, "input", config)
+    voice, audio = request.app.state.voices.get(body.voice)
+    sampling = sampling_for(config, body.speed, body.seed, body.schedule)
+    respond = speak_stream if body.stream else speak
+    return await respond(request, body.input, audio, voice.ref_text, sampling, body.response_format)
+
+
+@router.post("/v1/synthesize", response_class=Response, tags=["speech"], dependencies=[multipart_body],
+             responses=AUDIO_RESPONSES)
+async def synthesize(request: Request, text: Annotated[str, Form()], ref_audio: Annotated[UploadFile, File()],
+                     ref_text: Annotated[str, Form()], speed: Annotated[float, Form(ge=0.25, le=4.0)] = 1.0,
+                     seed: Annotated[int | None, Form()] = None, schedule: Annotated[Schedule | None, Form()] = None,
+                     response_format: Annotated[ResponseFormat, Form()] = "wav"):
+    """Speech for `text` in the voice of an uploaded reference clip and its transcript."""
+    config = request.app.state.config
+    check_text(text, "text", config)
+    check_text(ref_text, "ref_text", config)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = await save_upload(ref_audio, Path(tmp), config)
+        return await speak(request, text, path, ref_text, sampling_for(config, speed, seed, schedule), response_format)
+
+
+@router.get("/v1/voices", tags=["voices"])
+async def list_voices(request: Request) -> list[Voice]:
+    return request.app.state.voices.list()
+
+
+@router.post("/v1/voices", status_code=201, tags=["voices"], dependencies=[multipart_body])
+async def add_voice(request: Request, name: Annotated[str, Form()], audio: Annotated[UploadFile, File()],
+                    ref_text: Annotated[str, Form()]) -> Voice:
+    """Stores a named reference voice (the clip and its transcript) for /v1/audio/speech."""
+    config, voices = request.app.state.config, request.app.state.voices
+    check_text(ref_text, "ref_text", config)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = await save_upload(audio, Path(tmp), config)
+        await run_in_threadpool(prepare_reference, path, SamplingConfig().target_rms)  # refuses what cannot be a reference
+        return await run_in_threadpool(voices.add, name, path, ref_text, Path(audio.filename or "").suffix)
+
+
+@router.delete("/v1/voices/{name}", status_code=204, tags=["voices"])
+async def delete_voice(request: Request, name: str) -> Response:
+    request.app.state.voices.delete(name)
+    return Response(status_code=204)
+
+
+@router.get("/healthz", tags=["operations"])
+async def healthz():
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["operations"])
+async def readyz(request: Request):
+    """Ready once the engine is loaded and warmed on every device."""
+    engine, config = request.app.state.engine, request.app.state.config
+    require_ready(engine)
+    spec = read_spec(engine.engine_dir)
+    return {"ready": True, "engine": str(engine.engine_dir), "backend": config.backend or spec.backend,
+            "dtype": spec.dtype, "devices": [s.device for s in engine.synthesizers], "queue_depth": len(engine.queue)}
+
+
+@router.get("/metrics", tags=["operations"])
+async def prometheus_metrics(request: Request):
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- the app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    engine = app.state.engine
+    threading.Thread(target=engine.load, name="engine-load", daemon=True).start()
+    yield
+    engine.close()
+
+
+def create_app(engine_dir: Path, config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    metrics = Metrics()
+    queue = InferenceQueue(metrics, config.max_queue, config.max_batch_rows, config.batch_wait_ms / 1000)
+    app = FastAPI(title="IndicF5 TTS", version="0.1.0", lifespan=lifespan,
+                  description="Speech in the voice of a reference clip, from a built IndicF5 engine.")
+    app.state.config, app.state.metrics, app.state.queue = config, metrics, queue
+    app.state.engine = Engine(Path(engine_dir), config, queue, metrics)
+    app.state.voices = VoiceStore(config.voices_dir or Settings().store_root / "voices")
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes + 2**16)  # the upload plus its form fields
+    app.add_middleware(Measure, metrics=metrics)
+    app.include_router(router)
+    return app

@@ -1,23 +1,33 @@
-"""The inference queue: requests wait here as jobs (an utterance's rows and its sampling
-settings); each inference worker (one per device) takes the oldest job together with queued jobs
-it can share a batch with, and renders them as one engine batch.
+"""The inference queue: requests wait here as jobs (rows of utterance chunks and their sampling
+settings); each device's worker takes the oldest job together with queued jobs it can share a
+batch with, samples them as one engine batch, and hands the mels to its vocoder thread.
 
-    handler ─submit─> [bounded queue] ─take: oldest + compatible─> worker(device) ─render─> futures
+    handler ─submit─> [bounded queue] ─take: oldest + compatible─> sampler thread(device) ─mels─> vocoder thread ─> futures
+                                         (once the previous batch's                (its own CUDA stream: it runs
+                                          loop is done on the GPU)                  beside the next batch's loop)
 
 Jobs share a batch when their sampling settings match and their lengths are similar (padding a
-short row to a long one wastes the engine's time). A cancelled job (client gone, timed out)
-leaves the queue at once and is never rendered.
+short row to a long one wastes the engine's time), up to the engine's rows for that length. A
+job is taken only when the GPU is about to run it, so one cancelled by then (client gone, timed
+out) is never rendered. A batch that fails is split: each job is sampled alone, and only the
+one that fails alone fails. A job may follow another (`after`, a stream's later chunks): it is
+not taken before that one has started.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+
+import torch
 
 from indicf5.config import SamplingConfig
 from indicf5.serve.metrics import Metrics
@@ -36,6 +46,7 @@ class QueueFull(Exception):
 class Job:
     rows: list[Row]
     sampling: SamplingConfig
+    after: Future | None = None  # taken only once this future's job has started
     future: Future = field(default_factory=Future)  # -> list[Rendered], one per row
 
     @property
@@ -49,9 +60,10 @@ class Job:
 
 class InferenceQueue:
     def __init__(self, metrics: Metrics, max_queue: int = 64, max_batch_rows: int = 8, max_wait_s: float = 0.01,
-                 length_ratio: float = 1.5):
+                 length_ratio: float = 1.5, rows_for: Callable[[int], int] | None = None):
         self.metrics, self.max_queue, self.max_batch_rows = metrics, max_queue, max_batch_rows
         self.max_wait_s, self.length_ratio = max_wait_s, length_ratio
+        self.rows_for = rows_for or (lambda frames: max_batch_rows)  # the engine's most rows a batch at a length
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -61,8 +73,8 @@ class InferenceQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def submit(self, rows: list[Row], sampling: SamplingConfig) -> Future:
-        job = Job(rows, sampling)
+    def submit(self, rows: list[Row], sampling: SamplingConfig, after: Future | None = None) -> Future:
+        job = Job(rows, sampling, after)
         with self._cond:
             if len(self._jobs) >= self.max_queue:
                 waits = math.ceil(len(self._jobs) / self.workers) * self._batch_seconds
@@ -83,38 +95,49 @@ class InferenceQueue:
     def _depth_changed(self) -> None:
         self.metrics.queue_depth.set(len(self._jobs))
 
+    def _ready(self, job: Job) -> bool:
+        return job.after is None or job.after.running() or job.after.done()
+
     def _compatible(self, first: Job, job: Job) -> bool:
         lo, hi = sorted((first.frames, job.frames))
-        return job.batch_key() == first.batch_key() and hi <= self.length_ratio * lo
+        return self._ready(job) and job.batch_key() == first.batch_key() and hi <= self.length_ratio * lo
 
     def _batch(self, first: Job) -> list[Job]:
-        batch, rows = [], 0
+        batch, rows, frames = [], 0, 0
         for job in self._jobs:
-            if self._compatible(first, job) and (not batch or rows + len(job.rows) <= self.max_batch_rows):
+            if not self._compatible(first, job):
+                continue
+            limit = min(self.max_batch_rows, self.rows_for(max(frames, job.frames)))
+            if not batch or rows + len(job.rows) <= limit:
                 batch.append(job)
-                rows += len(job.rows)
+                rows, frames = rows + len(job.rows), max(frames, job.frames)
         return batch
 
+    def _first(self) -> Job | None:
+        return next((job for job in self._jobs if self._ready(job)), None)
+
     def take(self) -> list[Job]:
-        """Blocks for work: the oldest job and the queued jobs compatible with it, marked running.
-        Waits up to max_wait_s for batch-mates. [] once the queue is closed."""
+        """Blocks for work: the oldest ready job and the queued jobs compatible with it, marked
+        running (cancelled ones are dropped). Waits up to max_wait_s for batch-mates. [] once the
+        queue is closed."""
         with self._cond:
             while True:
-                while not self._jobs and not self._closed:
+                while self._first() is None and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return []
                 deadline = time.monotonic() + self.max_wait_s
-                while self._jobs and (remaining := deadline - time.monotonic()) > 0 \
-                        and sum(len(j.rows) for j in self._batch(self._jobs[0])) < self.max_batch_rows:
+                while (first := self._first()) is not None and (remaining := deadline - time.monotonic()) > 0 \
+                        and sum(len(j.rows) for j in self._batch(first)) < self.max_batch_rows:
                     self._cond.wait(remaining)
-                if not self._jobs:
+                if first is None:
                     continue
-                batch = self._batch(self._jobs[0])
+                batch = self._batch(first)
                 for job in batch:
                     self._jobs.remove(job)
                 self._depth_changed()
                 running = [job for job in batch if job.future.set_running_or_notify_cancel()]
+                self._cond.notify_all()  # jobs that follow these are ready now
                 if running:
                     return running
 
@@ -131,30 +154,105 @@ class InferenceQueue:
             job.future.cancel()
 
 
-class InferenceWorker(threading.Thread):
-    """Renders the queue's batches on one device's engine, until the queue closes."""
+@dataclass
+class Sampled:
+    """A batch on its way from the sampler thread to the vocoder thread."""
 
-    def __init__(self, queue: InferenceQueue, synthesizer: Synthesizer):
+    jobs: list[Job]
+    mels: list[list[torch.Tensor]]  # per job, per row
+    done: torch.cuda.Event | None  # recorded after the batch's loop on the sampler's stream
+    start: float
+
+
+class InferenceWorker(threading.Thread):
+    """One device's sampler thread (this one) and vocoder thread, until the queue closes."""
+
+    def __init__(self, queue_: InferenceQueue, synthesizer: Synthesizer):
         super().__init__(name=f"inference-{synthesizer.device}", daemon=True)
-        self.queue, self.synthesizer = queue, synthesizer
+        self.queue, self.synthesizer = queue_, synthesizer
+        self.cuda = torch.device(synthesizer.device).type == "cuda"
+        self._sampled: queue.Queue[Sampled | None] = queue.Queue(maxsize=2)
+        self._vocoder = threading.Thread(target=self._vocode_loop, name=f"vocoder-{synthesizer.device}", daemon=True)
 
     def run(self) -> None:
-        while jobs := self.queue.take():
-            self.render(jobs)
+        self._vocoder.start()
+        previous: torch.cuda.Event | None = None
+        try:
+            while True:
+                if previous is not None:
+                    previous.synchronize()  # the GPU finishes a batch before the next is taken: late cancels still count
+                jobs = self.queue.take()
+                if not jobs:
+                    break
+                with torch.inference_mode():
+                    sampled = self.sample(jobs)
+                previous = sampled.done
+                self._sampled.put(sampled)
+        finally:
+            self._sampled.put(None)
+            self._vocoder.join()
 
-    def render(self, jobs: list[Job]) -> None:
-        rows = [row for job in jobs for row in job.rows]
+    def sample(self, jobs: list[Job]) -> Sampled:
+        """The jobs' loops queued on the device as one batch; a failing batch of several jobs is
+        split, and only a job that fails alone fails."""
         start = time.perf_counter()
         try:
-            rendered = self.synthesizer.render(rows, jobs[0].sampling)
-        except Exception as e:  # the batch fails, the worker goes on
-            log.exception("inference failed for a batch of %d rows", len(rows))
+            mels = self._sample_rows(jobs)
+        except Exception:
+            if len(jobs) == 1:
+                log.exception("inference failed for a job of %d rows", len(jobs[0].rows))
+                jobs[0].future.set_exception(_client_error())
+                return Sampled([], [], None, start)
+            log.warning("a batch of %d jobs failed; sampling each alone", len(jobs), exc_info=True)
+            kept, mels = [], []
             for job in jobs:
-                job.future.set_exception(e)
-            return
-        seconds = time.perf_counter() - start
-        self.queue.observe_batch(seconds)
+                try:
+                    mels.extend(self._sample_rows([job]))
+                    kept.append(job)
+                except Exception:
+                    log.exception("inference failed for a job of %d rows", len(job.rows))
+                    job.future.set_exception(_client_error())
+            jobs = kept
+        done = torch.cuda.Event() if self.cuda and jobs else None
+        if done is not None:
+            done.record()
+        return Sampled(jobs, mels, done, start)
+
+    def _sample_rows(self, jobs: list[Job]) -> list[list[torch.Tensor]]:
+        rows = [row for job in jobs for row in job.rows]
+        flat = self.synthesizer.sample_rows(rows, jobs[0].sampling)
         self.queue.metrics.batch_rows.observe(len(rows))
-        self.queue.metrics.batch_seconds.observe(seconds)
+        out, i = [], 0
         for job in jobs:
-            job.future.set_result([rendered.pop(0) for _ in job.rows])
+            out.append(flat[i:i + len(job.rows)])
+            i += len(job.rows)
+        return out
+
+    def _vocode_loop(self) -> None:
+        stream = torch.cuda.Stream(self.synthesizer.device) if self.cuda else None
+        while (sampled := self._sampled.get()) is not None:
+            if not sampled.jobs:
+                continue
+            with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else nullcontext():
+                if stream is not None:
+                    stream.wait_event(sampled.done)
+                for job, mels in zip(sampled.jobs, sampled.mels):
+                    try:
+                        if stream is not None:
+                            for mel in mels:
+                                mel.record_stream(stream)  # made on the sampler's stream, freed after this one reads it
+                        job.future.set_result(self.synthesizer.vocode(mels))
+                    except Exception:
+                        log.exception("the vocoder failed for a job of %d rows", len(mels))
+                        job.future.set_exception(_client_error())
+            seconds = time.perf_counter() - sampled.start
+            self.queue.observe_batch(seconds)
+            self.queue.metrics.batch_seconds.observe(seconds)
+
+
+class InferenceFailed(Exception):
+    """Rendering a request failed on the server (the log has the cause)."""
+
+
+def _client_error() -> InferenceFailed:
+    return InferenceFailed("synthesis failed on the server for this request; the server log has the cause")

@@ -1,0 +1,110 @@
+"""FP8 (e4m3) matmuls for the compiled engine's transformer blocks (build flag ``precision: fp8``).
+
+Hopper's tensor cores multiply e4m3 operands at about twice the fp16/bf16 rate. A linear layer
+y = x W^T + b runs as
+
+    W (N, K) ─once, at build─> W_q = round(W / s_W) in e4m3,  s_W = max|W[n, :]| / 448   (a scale per output channel)
+    x (M, K) ─every call─────> x_q = round(x / s_x) in e4m3,  s_x = max|x[m, :]| / 448   (a scale per token)
+    y = (x_q W_q^T) * s_x * s_W^T + b        one rowwise-scaled GEMM (torch._scaled_mm), bf16 out
+
+448 is e4m3's largest finite value, so every row uses the format's whole range. Per-token
+activation scales follow the spread of the DiT's tokens (reference frames, generated frames and
+padding differ by orders of magnitude). Only the blocks' q|k|v, output and feed-forward linears
+take this path; attention, norms, the position convolutions, the modulation and the ODE state
+stay as the engine's other precisions have them. Off Hopper-class GPUs the same quantized
+operands are multiplied in fp32 (`fp8_matmul` emulates the GEMM), which is what CI checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
+FP8_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
+FP8_FILE = "fp8.safetensors"
+
+
+def unsupported(device: torch.device) -> str | None:
+    """Why `device` cannot run FP8 GEMMs, or None when it can."""
+    if device.type != "cuda":
+        return f"precision 'fp8' runs FP8 tensor-core GEMMs on a CUDA GPU (Hopper or Ada), not {device}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_COMPUTE_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return (f"precision 'fp8' needs FP8 tensor cores (compute capability >= 8.9, e.g. an H100/H200), "
+                f"but {name} has {capability[0]}.{capability[1]}; use precision 'auto'")
+    return None
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (x_q (M, K) e4m3, scale (M, 1) fp32) with x ~= x_q * scale, a scale per row."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = amax.clamp(min=1e-12) / FP8_MAX  # an all-zero row (padding) gets a tiny scale and stays zero
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
+               emulate: bool = False) -> torch.Tensor:
+    """(x_q * x_scale) @ (w_q * w_scale)^T + bias: x_q (M, K), x_scale (M, 1), w_q (N, K), w_scale (N, 1).
+    One rowwise-scaled FP8 GEMM with the bias in its epilogue (bf16 out), or with `emulate` the
+    same quantized operands multiplied in fp32 (for devices without FP8 tensor cores)."""
+    if emulate:
+        return dequantize(x_q, x_scale) @ dequantize(w_q, w_scale).t() + bias.float()
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), bias=bias.to(torch.bfloat16),
+                            out_dtype=torch.bfloat16)
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer with e4m3 weights (quantized at build, a scale per output channel) whose input
+    is quantized per token on each call; `gelu` applies the feed-forward's tanh-GELU after it. The
+    output comes back in `out_dtype`."""
+
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype,
+                 gelu: bool = False):
+        super().__init__()
+        self.register_buffer("weight", weight_q)
+        self.register_buffer("scale", weight_scale.float().reshape(-1, 1))
+        self.register_buffer("bias", bias.detach().to(torch.bfloat16))
+        self.out_dtype, self.gelu = out_dtype, gelu
+        self.emulate = unsupported(weight_q.device) is not None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype, gelu: bool = False) -> Fp8Linear:
+        """From a float weight (N, K): quantized here (tests and benchmarks; builds store theirs)."""
+        return cls(*quantize_rows(weight.detach()), bias, out_dtype, gelu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_q, x_scale = quantize_rows(x.flatten(0, -2))
+        y = fp8_matmul(x_q, x_scale, self.weight, self.scale, self.bias, self.emulate)
+        if self.gelu:
+            y = F.gelu(y.float(), approximate="tanh")
+        return y.to(self.out_dtype).unflatten(0, x.shape[:-1])
+
+
+def block_linears(block) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The FP8 layers of a reference DiTBlock by their engine names: (weight (N, K), bias (N,)),
+    q|k|v stacked as the engine's fused projection."""
+    attn, ff = block.attn, block.ff.ff
+    return {"qkv": (torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)),
+                    torch.cat((attn.to_q.bias, attn.to_k.bias, attn.to_v.bias))),
+            "out": (attn.to_out[0].weight, attn.to_out[0].bias),
+            "ff1": (ff[0][0].weight, ff[0][0].bias),
+            "ff2": (ff[2].weight, ff[2].bias)}
+
+
+def quantize_blocks(blocks) -> dict[str, torch.Tensor]:
+    """Every block's FP8 layers quantized, as stored in an engine's fp8.safetensors:
+    ``{i}.{layer}.weight`` (e4m3) and ``{i}.{layer}.scale`` (fp32, one per output channel)."""
+    stored = {}
+    for i, block in enumerate(blocks):
+        for name, (weight, _) in block_linears(block).items():
+            q, scale = quantize_rows(weight.detach().float())
+            stored[f"{i}.{name}.weight"], stored[f"{i}.{name}.scale"] = q.contiguous(), scale.contiguous()
+    return stored

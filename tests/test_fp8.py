@@ -1,0 +1,115 @@
+"""The FP8 path of the compiled engine on the CPU: quantization, scales as stored, the GEMM
+emulated from the same quantized operands, and a clear refusal where no FP8 tensor cores are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_l2
+from safetensors.torch import load_file, save_file
+
+from indicf5.backends.compiled import fp8
+from indicf5.backends.compiled import CompiledEngine, EngineFlags
+from indicf5.checkpoint import build_model
+
+
+def test_rows_quantize_within_e4m3_rounding():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256) * torch.logspace(-3, 2, 64)[:, None]  # rows of very different magnitude, as tokens are
+    x[5] = 0.0  # a padded token
+    q, scale = fp8.quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    assert torch.equal(q.float().abs().amax(-1)[[0, 63]], torch.tensor([448.0, 448.0]))  # each row spans the format
+    back = fp8.dequantize(q, scale)
+    assert torch.equal(back[5], torch.zeros(256))
+    rows = [i for i in range(64) if i != 5]
+    per_row = ((back - x)[rows].norm(dim=-1) / x[rows].norm(dim=-1))
+    assert per_row.max() <= 0.04  # e4m3 has 3 mantissa bits: a relative rounding of at most 2^-4 per element
+
+
+def test_the_fp8_linear_is_the_float_linear_within_the_rounding_of_its_operands():
+    torch.manual_seed(1)
+    weight, bias = torch.randn(96, 128) / 11, torch.randn(96)
+    x = torch.randn(3, 40, 128)
+    want = torch.nn.functional.linear(x, weight, bias)
+    layer = fp8.Fp8Linear.of(weight, bias, torch.float32)
+    assert layer.emulate  # no FP8 tensor cores here
+    got = layer(x)
+    assert got.shape == want.shape and 1e-4 < rel_l2(got, want) <= 0.05
+    x_q, x_scale = fp8.quantize_rows(x.flatten(0, 1))  # exactly the quantized operands' product, plus the bias
+    exact = fp8.dequantize(x_q, x_scale) @ fp8.dequantize(layer.weight, layer.scale).t() + bias.to(torch.bfloat16).float()
+    assert torch.allclose(got.flatten(0, 1), exact, rtol=1e-6, atol=1e-6)
+    gelu = fp8.Fp8Linear.of(weight, bias, torch.float32, gelu=True)(x)
+    assert torch.allclose(gelu, torch.nn.functional.gelu(got, approximate="tanh"), rtol=1e-6, atol=1e-6)
+
+
+def test_quantized_block_weights_survive_the_engine_file(checkpoint, tmp_path):
+    dit = build_model(checkpoint)
+    stored = fp8.quantize_blocks(dit.transformer_blocks)
+    assert len(stored) == 2 * 4 * len(dit.transformer_blocks)
+    save_file(stored, str(tmp_path / fp8.FP8_FILE))
+    loaded = load_file(str(tmp_path / fp8.FP8_FILE))
+    assert all(torch.equal(loaded[k].float(), v.float()) and loaded[k].dtype == v.dtype for k, v in stored.items())
+    block = dit.transformer_blocks[0]
+    q_weight = torch.cat((block.attn.to_q.weight, block.attn.to_k.weight, block.attn.to_v.weight))
+    assert rel_l2(fp8.dequantize(loaded["0.qkv.weight"], loaded["0.qkv.scale"]), q_weight) <= 0.04
+    assert loaded["0.ff1.weight"].shape == block.ff.ff[0][0].weight.shape
+
+
+def test_fp8_is_refused_without_fp8_tensor_cores(checkpoint):
+    with pytest.raises(ValueError, match=r"precision 'fp8' runs FP8 tensor-core GEMMs on a CUDA GPU \(Hopper or Ada\), not cpu"):
+        CompiledEngine(build_model(checkpoint, "cpu", torch.float16), EngineFlags(buckets=(128,), precision="fp8"))
+    with pytest.raises(ValueError, match="runs inside an fp16 or bf16 engine"):
+        CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128,), precision="fp8"))
+
+
+CUDA_FP8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                              reason="needs FP8 tensor cores")
+
+
+@CUDA_FP8
+def test_the_fp8_gemm_is_its_emulation_on_the_gpu():
+    torch.manual_seed(2)
+    weight, bias = torch.randn(1024, 512, device="cuda") / 20, torch.randn(1024, device="cuda")
+    x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16)
+    layer = fp8.Fp8Linear.of(weight, bias, torch.bfloat16)
+    assert not layer.emulate
+    emulated = fp8.Fp8Linear.of(weight, bias, torch.bfloat16)
+    emulated.emulate = True
+    assert rel_l2(layer(x).float(), emulated(x).float()) <= 1e-2  # bf16 output rounding only
+
+
+@CUDA_FP8
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_fp8_engine_samples_close_to_its_precision(checkpoint, dtype):
+    from indicf5.sampler import sample
+
+    reference = build_model(checkpoint, "cuda")
+    engine = CompiledEngine(build_model(checkpoint, "cuda", dtype), EngineFlags(buckets=(256,), precision="fp8"))
+    torch.manual_seed(3)
+    cond, text = torch.randn(1, 60, 100, device="cuda"), torch.randint(0, 100, (1, 50), device="cuda")
+    want = sample(reference, cond, text, [200], nfe=8, seed=0)
+    got = sample(engine, cond, text, [200], nfe=8, seed=0, dtype=engine.state_dtype)
+    assert torch.isfinite(got).all() and rel_l2(got, want) <= 0.1, rel_l2(got, want)
+
+
+def test_the_parity_gate_holds_fp8_engines_to_their_own_threshold(checkpoint):
+    from types import SimpleNamespace
+
+    from indicf5.parity import ParityConfig, check_parity
+
+    reference = build_model(checkpoint)
+
+    class Fp8Like(torch.nn.Module):  # the reference, flagged as an FP8 engine is
+        choice = SimpleNamespace(precision="fp8")
+
+        def forward(self, *args, **kwargs):
+            return reference(*args, **kwargs)
+
+        def embed_text(self, *args, **kwargs):
+            return reference.embed_text(*args, **kwargs)
+
+    config = ParityConfig(lengths=[60], nfe=2)
+    report = check_parity(reference, Fp8Like(), "fp32", checkpoint.config.text_num_embeds, "cpu", config)
+    assert report.threshold == config.thresholds["fp8"] == 1.5e-2 and report.passed
+    assert check_parity(reference, reference, "fp32", checkpoint.config.text_num_embeds, "cpu", config).threshold == 1e-4

@@ -9,6 +9,7 @@ RMS, resample to 24 kHz. Silence is judged in dBFS over windows, as pydub does.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +23,27 @@ from indicf5.errors import InputError
 from indicf5.store import atomic_write_bytes
 
 MAX_REF_MS = 15_000
+# The longest reference file read. Clipping keeps at most MAX_REF_MS, cut at a silence within the file;
+# a longer file is refused from its header, before decoding (30 minutes of 48 kHz audio decode to GBs).
+MAX_REF_FILE_S = 60.0
 _EPS = 1e-10
 
 
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """(channels, samples) float32 in [-1, 1] and the sample rate."""
+class AudioTooLong(InputError):
+    pass
+
+
+def read_audio(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """(channels, samples) float32 in [-1, 1] and the sample rate; a file over `max_seconds` (by its
+    header) is refused undecoded."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"audio file not found: {path}")
     try:
+        info = sf.info(str(path))
+        if max_seconds is not None and info.duration > max_seconds:
+            raise AudioTooLong(f"audio {path} lasts {info.duration:.1f} s; references are limited to "
+                               f"{max_seconds:g} s (the first {MAX_REF_MS / 1000:g} s of speech are used): cut it shorter")
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise InputError(f"cannot read audio {path}: {e}. Give a WAV, FLAC, OGG or MP3 file") from None
@@ -148,8 +161,12 @@ class Reference:
 
 
 def prepare_reference(path: str | Path, target_rms: float, mel: MelConfig = MelConfig()) -> Reference:
-    audio, rate = read_audio(path)
-    audio = trim_silence_edges(clip_reference(audio, rate), rate)
+    audio, rate = read_audio(path, MAX_REF_FILE_S)
+    clipped = clip_reference(audio, rate)
+    if audio.shape[1] > MAX_REF_MS * rate / 1000:  # (clipping also shortens long silences in shorter clips)
+        warnings.warn(f"reference audio {Path(path).name} lasts {audio.shape[1] / rate:.2f} s; "
+                      f"{clipped.shape[1] / rate:.2f} s of it are kept (references are clipped to {MAX_REF_MS / 1000:g} s)")
+    audio = trim_silence_edges(clipped, rate)
     seconds = audio.shape[1] / rate
     wave = torch.from_numpy(audio).mean(dim=0, keepdim=True)
     rms = float(torch.sqrt(torch.mean(wave.square())))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -103,7 +105,22 @@ def _watch(args) -> None:
     print(f"{result.repo_id}@{result.branch} = {result.sha}: {result.action} ({result.detail})")
 
 
-def _serve(args) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything loads: a taken port is bad input, said in one line."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}; stop what uses it or pick another --port")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _serve(args) -> int:
     import uvicorn
 
     from indicf5.serve.app import ServerConfig, create_app
@@ -123,8 +140,23 @@ def _serve(args) -> None:
 
         engine_dir, backend = resolve_engine(Settings(), args.engine, config.backend)
         config = config.model_copy(update={"backend": backend})
+    sock = _listen(args.host, args.port)
+    if config.api_key is None and not _is_loopback(args.host):
+        warnings.warn(f"serving on {args.host} without an API key: anyone who reaches it can add and delete voices; "
+                      "set TTS_API_KEY to require Authorization: Bearer <key>")
+    app = create_app(engine_dir, config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    engine = app.state.engine
+    engine.on_failure = lambda: setattr(server, "should_exit", True)  # uvicorn's way to stop a running server
     print(f"serving {engine_dir} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
-    uvicorn.run(create_app(engine_dir, config), host=args.host, port=args.port, log_level="info")
+    server.run(sockets=[sock])
+    if isinstance(engine.failure, InputError):
+        raise InputError(f"the engine {engine_dir} failed to load: {engine.failure}")
+    if engine.failure is not None:
+        print(f"indicf5 serve: the engine {engine_dir} failed to load: {type(engine.failure).__name__}: {engine.failure}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:

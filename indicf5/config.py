@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["fp32", "fp16", "bf16"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; a signed 64-bit range travels safely through JSON clients
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class ModelConfig(BaseModel):
@@ -55,4 +57,4 @@ class SamplingConfig(BaseModel):
     target_rms: float = Field(0.1, gt=0.0, description="quiet references are raised to this RMS")
     cross_fade_s: float = Field(0.15, ge=0.0, description="cross-fade between text chunks")
     max_frames: int = Field(4096, description="IndicF5's longest generated sequence (~43.7 s)")
-    seed: int | None = None
+    seed: Seed | None = None

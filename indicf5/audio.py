@@ -9,6 +9,8 @@ RMS, resample to 24 kHz. Silence is judged in dBFS over windows, as pydub does.
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +63,38 @@ def audio_bytes(samples: np.ndarray, rate: int, container: str = "WAV") -> bytes
     return buf.getvalue()
 
 
+def _output_target(path: Path) -> Path:
+    return path.resolve() if path.is_symlink() else path  # a link stays a link: its target is written
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuses an output that write_wav could not write (a directory, a place without write access),
+    before any work is done."""
+    target = _output_target(Path(path))
+    if target.is_dir():
+        raise InputError(f"{path} is a directory: give a file name for the output, e.g. {Path(path) / 'out.wav'}")
+    try:
+        if target.exists() and not target.is_file():  # a device node or FIFO is written through
+            ok = os.access(target, os.W_OK)
+        else:  # a regular file is replaced by a temporary file beside it
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=target.parent).close()
+            ok = True
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}: choose another output path") from None
+    if not ok:
+        raise InputError(f"cannot write {path}: permission denied: choose another output path")
+
+
 def write_wav(path: str | Path, samples: np.ndarray, rate: int) -> None:
-    """Written whole or not at all: a temporary file renamed into place."""
-    atomic_write_bytes(Path(path), audio_bytes(samples, rate))
+    """A regular file is written whole or not at all (a temporary file renamed into place); a link's
+    target is written, and a device node or FIFO written through, never replaced (think /dev/null)."""
+    target, data = _output_target(Path(path)), audio_bytes(samples, rate)
+    if target.exists() and not target.is_file():
+        with target.open("wb") as f:
+            f.write(data)
+    else:
+        atomic_write_bytes(target, data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,34 @@ import sys
 import warnings
 from pathlib import Path
 
+from pydantic import BaseModel, ValidationError
+
 from indicf5.errors import InputError
 
 
+def _validated(model: type[BaseModel], options: dict[str, str] | None = None, **values) -> BaseModel:
+    """model(**values), checked before any work; a refused value is bad input named by its option
+    (--field-name unless `options` names it otherwise)."""
+    try:
+        return model(**values)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if error["loc"]:
+                field = str(error["loc"][0])
+                option = (options or {}).get(field, "--" + field.replace("_", "-"))
+                message = f"{option} {values.get(field, error['input'])}: {message}"
+            problems.append(message)
+        raise InputError("; ".join(problems)) from None
+
+
 def _make_synthetic(args) -> None:
+    from indicf5.config import ModelConfig
     from indicf5.synthetic import make_synthetic
 
+    _validated(ModelConfig, dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim // max(args.heads, 1),
+               text_dim=args.text_dim, conv_layers=args.conv_layers)
     out = make_synthetic(args.dir, dim=args.dim, depth=args.depth, heads=args.heads, text_dim=args.text_dim,
                          conv_layers=args.conv_layers, seed=args.seed, replace=args.force)
     print(f"synthetic IndicF5 snapshot: {out}")
@@ -24,17 +46,23 @@ def _make_synthetic(args) -> None:
 
 
 def _synth(args) -> None:
-    from indicf5.audio import write_wav
-    from indicf5.config import SamplingConfig
+    from indicf5.audio import check_writable, write_wav
+    from indicf5.config import SamplingConfig, check_device
     from indicf5.synth import Synthesizer
 
+    sampling = _validated(SamplingConfig, {"cfg_strength": "--cfg"}, nfe=args.nfe, cfg_strength=args.cfg,
+                          speed=args.speed, seed=args.seed)
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise InputError(f"--device: {e}") from None
+    check_writable(args.out)
     ref_text = args.ref_text
     if ref_text is None:
         ref_txt = Path(args.ref_audio).with_suffix(".txt")
         if not ref_txt.is_file():
             raise InputError(f"no --ref-text given and no transcript at {ref_txt}: give --ref-text")
         ref_text = ref_txt.read_text(encoding="utf-8").strip()
-    sampling = SamplingConfig(nfe=args.nfe, cfg_strength=args.cfg, speed=args.speed, seed=args.seed)
     if args.engine:
         synth = Synthesizer.from_engine(args.engine, device=args.device, vocoder_dir=args.vocoder)
     else:
@@ -46,6 +74,14 @@ def _synth(args) -> None:
 
 
 def _build(args) -> int:
+    from indicf5.backends import get_backend
+    from indicf5.config import SamplingConfig
+
+    for backend in args.backend or []:
+        get_backend(backend)  # an unknown name is bad input, before Prefect starts
+    _validated(SamplingConfig, nfe=args.nfe)
+    _validated(SamplingConfig, {"nfe": "--parity-nfe"}, nfe=args.parity_nfe)
+
     from flows.build import BuildFailed, StageFailed, build_engine_flow
     from indicf5.parity import ParityConfig
     from indicf5.settings import Settings
@@ -127,7 +163,7 @@ def _serve(args) -> int:
 
     overrides = {k: v for k, v in (("backend", args.backend), ("devices", args.device), ("voices_dir", args.voices_dir),
                                    ("max_batch_rows", args.max_batch), ("max_queue", args.max_queue)) if v is not None}
-    config = ServerConfig(**overrides)
+    config = _validated(ServerConfig, {"max_batch_rows": "--max-batch", "devices": "--device"}, **overrides)
     if config.backend is not None:
         from indicf5.backends import get_backend
 

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 
 from indicf5.audio import AudioTooLong, audio_bytes, prepare_reference
 from indicf5.backends import read_spec
-from indicf5.config import SEED_MAX, SamplingConfig, Seed
+from indicf5.config import SEED_MAX, Device, SamplingConfig, Seed
 from indicf5.errors import InputError
 from indicf5.settings import Settings
 from indicf5.serve.batching import InferenceQueue, InferenceWorker, QueueFull
@@ -62,7 +62,7 @@ class ServerConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTS_", extra="ignore")
 
     backend: str | None = Field(None, description="run the engine on this backend (eager = the PyTorch path)")
-    devices: list[str] = Field(default_factory=list,
+    devices: list[Device] = Field(default_factory=list,
                                description="one inference worker each; default every GPU, else cpu")
     voices_dir: Path | None = Field(None, description="named voices; default $INDICF5_HOME/voices")
     max_queue: int = Field(64, ge=1, description="queued requests before 429")

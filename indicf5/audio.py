@@ -44,8 +44,8 @@ def read_audio(path: str | Path, max_seconds: float | None = None) -> tuple[np.n
     try:
         info = sf.info(str(path))
         if max_seconds is not None and info.duration > max_seconds:
-            raise AudioTooLong(f"audio {path} lasts {info.duration:.1f} s; references are limited to "
-                               f"{max_seconds:g} s (the first {MAX_REF_MS / 1000:g} s of speech are used): cut it shorter")
+            raise AudioTooLong(f"audio {path} lasts {info.duration:.1f} s; references are limited to {max_seconds:g} s "
+                               f"(the first {MAX_REF_MS / 1000:g} s of speech are used): cut it shorter")
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise InputError(f"cannot read audio {path}: {e}. Give a WAV, FLAC, OGG or MP3 file") from None
@@ -77,6 +77,9 @@ def check_writable(path: str | Path) -> None:
         if target.exists() and not target.is_file():  # a device node or FIFO is written through
             ok = os.access(target, os.W_OK)
         else:  # a regular file is replaced by a temporary file beside it
+            above = next(p for p in target.absolute().parents if p.exists())
+            if not above.is_dir():
+                raise InputError(f"cannot write {path}: {above} is not a directory: choose another output path")
             target.parent.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=target.parent).close()
             ok = True
@@ -196,7 +199,8 @@ def prepare_reference(path: str | Path, target_rms: float, mel: MelConfig = MelC
     clipped = clip_reference(audio, rate)
     if audio.shape[1] > MAX_REF_MS * rate / 1000:  # (clipping also shortens long silences in shorter clips)
         warnings.warn(f"reference audio {Path(path).name} lasts {audio.shape[1] / rate:.2f} s; "
-                      f"{clipped.shape[1] / rate:.2f} s of it are kept (references are clipped to {MAX_REF_MS / 1000:g} s)")
+                      f"{clipped.shape[1] / rate:.2f} s of it are kept "
+                      f"(references are clipped to {MAX_REF_MS / 1000:g} s)")
     audio = trim_silence_edges(clipped, rate)
     seconds = audio.shape[1] / rate
     wave = torch.from_numpy(audio).mean(dim=0, keepdim=True)

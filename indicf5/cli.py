@@ -189,8 +189,8 @@ def _serve(args) -> int:
     if isinstance(engine.failure, InputError):
         raise InputError(f"the engine {engine_dir} failed to load: {engine.failure}")
     if engine.failure is not None:
-        print(f"indicf5 serve: the engine {engine_dir} failed to load: {type(engine.failure).__name__}: {engine.failure}",
-              file=sys.stderr)
+        reason = f"{type(engine.failure).__name__}: {engine.failure}"
+        print(f"indicf5 serve: the engine {engine_dir} failed to load: {reason}", file=sys.stderr)
         return 1
     return 0
 

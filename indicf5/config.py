@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 DType = Literal["fp32", "fp16", "bf16"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; a signed 64-bit range travels safely through JSON clients
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; a signed 64-bit seed survives every JSON client
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 

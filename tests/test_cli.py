@@ -145,7 +145,7 @@ CARELESS = {
     "synth --cfg -1": (["--cfg", "-1"], "--cfg -1.0: Input should be greater than or equal to 0"),
     "synth --device bogus": (["--device", "bogus"], "--device: unknown device 'bogus'"),
     "synth --out a directory": (["--out", "{tmp}"], "{tmp} is a directory: give a file name"),
-    "synth --out under a file": (["--out", "{tmp}/file.txt/out.wav"], "cannot write {tmp}/file.txt/out.wav"),
+    "synth --out under a file": (["--out", "{tmp}/file.txt/out.wav"], "cannot write {tmp}/file.txt/out.wav: {tmp}/file.txt is not a directory"),
     "make-synthetic --heads 3": (["--heads", "3"], "heads*dim_head must equal dim, got 3*21 != 64"),
     "serve --max-batch 0": (["--max-batch", "0"], "--max-batch 0: Input should be greater than or equal to 1"),
     "build --backend bogus": (["--backend", "bogus"], "unknown backend 'bogus': choose from eager"),
@@ -160,8 +160,8 @@ def test_careless_arguments_exit_2_with_one_line_before_any_work(cli_snapshot, t
     (tmp_path / "file.txt").write_text("a file, not a directory")
     command = case.split()[0]
     args = {
-        "synth": ["--checkpoint", str(cli_snapshot), "--text", "नमस्ते", "--ref-audio", str(cli_snapshot / "reference.wav"),
-                  "--out", str(tmp_path / "out.wav")],
+        "synth": ["--checkpoint", str(cli_snapshot), "--text", "नमस्ते", "--ref-audio",
+                  str(cli_snapshot / "reference.wav"), "--out", str(tmp_path / "out.wav")],
         "make-synthetic": [str(tmp_path / "snap")],
         "serve": ["--engine", str(tmp_path)],
         "build": ["--synthetic"],

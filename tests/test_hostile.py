@@ -5,6 +5,7 @@ next good request still succeeds, and, where memory is the point, the server's p
 from __future__ import annotations
 
 import json
+import re
 import select
 import shutil
 import socket
@@ -85,7 +86,8 @@ def test_a_seed_out_of_range_is_422_and_its_batch_mates_succeed(server):
     assert "seed" in error_of(responses[3], 422)
     assert "seed" in error_of(speech(server, seed=-1), 422)
     assert speech(server, seed=2**63 - 1).status_code == 200
-    form = httpx.post(f"{server.url}/v1/synthesize", headers=AUTH, data={"text": TEXT, "ref_text": "नमस्ते", "seed": str(2**64)},
+    form = httpx.post(f"{server.url}/v1/synthesize", headers=AUTH,
+                      data={"text": TEXT, "ref_text": "नमस्ते", "seed": str(2**64)},
                       files={"ref_audio": ("r.wav", b"RIFF")})
     assert "seed" in error_of(form, 422)
 
@@ -131,7 +133,8 @@ def chunked_post(server, path: str, content_type: str, head: bytes, total: int) 
         while b"\r\n\r\n" not in answer:
             answer += sock.recv(65536)
         head_part, body = answer.split(b"\r\n\r\n", 1)
-        length = int(next(line.split(b":")[1] for line in head_part.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        headers = dict(line.lower().split(b": ", 1) for line in head_part.split(b"\r\n")[1:])
+        length = int(headers[b"content-length"])
         while len(body) < length:
             body += sock.recv(65536)
     return int(head_part.split()[1]), json.loads(body), sent
@@ -170,8 +173,9 @@ def test_any_upload_file_name_is_taken(server, wav, filename):
     r = add_voice(server.url, "named", wav, filename)
     assert r.status_code == 201, r.text
     assert httpx.delete(f"{server.url}/v1/voices/named", headers=AUTH).status_code == 204
-    by_upload = httpx.post(f"{server.url}/v1/synthesize", headers=AUTH, data={"text": TEXT, "ref_text": "नमस्ते", "seed": "5"},
-                           files={"ref_audio": (filename, wav)}, timeout=120)
+    by_upload = httpx.post(f"{server.url}/v1/synthesize", headers=AUTH,
+                           data={"text": TEXT, "ref_text": "नमस्ते", "seed": "5"}, files={"ref_audio": (filename, wav)},
+                           timeout=120)
     assert by_upload.status_code == 200, by_upload.text
 
 
@@ -200,7 +204,8 @@ def test_media_types_are_case_insensitive(server):
 @pytest.mark.parametrize("case", ["404", "405", "invalid utf-8", "deep json", "not json"])
 def test_protocol_errors_answer_the_error_envelope(server, case):
     url = f"{server.url}/v1/audio/speech"
-    post = lambda body: httpx.post(url, content=body, headers={**AUTH, "content-type": "application/json"})  # noqa: E731
+    json_type = {**AUTH, "content-type": "application/json"}
+    post = lambda body: httpx.post(url, content=body, headers=json_type)  # noqa: E731
     r, status = {
         "404": lambda: (httpx.get(f"{server.url}/nowhere", headers=AUTH), 404),
         "405": lambda: (httpx.get(url, headers=AUTH), 405),
@@ -215,7 +220,7 @@ def test_protocol_errors_answer_the_error_envelope(server, case):
 def test_docs_render_from_local_assets(server, tmp_path):
     page = httpx.get(f"{server.url}/docs")
     assert page.status_code == 200
-    assets = [a for a in __import__("re").findall(r'(?:src|href)="([^"]+)"', page.text)]
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert assets and not [a for a in assets if a.startswith(("http:", "https:", "//"))], assets
     for asset in assets:
         assert httpx.get(f"{server.url}{asset}").status_code == 200, asset
@@ -266,11 +271,9 @@ def test_voice_count_and_disk_quotas_answer_507(engine, wav, tmp_path):
 # --- starting the server
 
 
-def serve(*args: str, timeout: float = 180, **env) -> subprocess.CompletedProcess:
-    import os
-
+def serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "indicf5.cli", "serve", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **env})
+                          timeout=180)
 
 
 def test_serve_on_a_port_in_use_exits_2_with_one_line(engine):

@@ -206,7 +206,7 @@ def require_api_key(request: Request,
         return
     given = credentials.credentials.encode() if credentials else b""
     if not secrets.compare_digest(given, key.get_secret_value().encode()):
-        raise ApiError(401, "missing or wrong API key: send the header Authorization: Bearer <the server's TTS_API_KEY>",
+        raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <the server's TTS_API_KEY>",
                        {"WWW-Authenticate": "Bearer"})
 
 

@@ -9,6 +9,9 @@ RMS, resample to 24 kHz. Silence is judged in dBFS over windows, as pydub does.
 from __future__ import annotations
 
 import io
+import os
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +25,27 @@ from indicf5.errors import InputError
 from indicf5.store import atomic_write_bytes
 
 MAX_REF_MS = 15_000
+# The longest reference file read. Clipping keeps at most MAX_REF_MS, cut at a silence within the file;
+# a longer file is refused from its header, before decoding (30 minutes of 48 kHz audio decode to GBs).
+MAX_REF_FILE_S = 60.0
 _EPS = 1e-10
 
 
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """(channels, samples) float32 in [-1, 1] and the sample rate."""
+class AudioTooLong(InputError):
+    pass
+
+
+def read_audio(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """(channels, samples) float32 in [-1, 1] and the sample rate; a file over `max_seconds` (by its
+    header) is refused undecoded."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"audio file not found: {path}")
     try:
+        info = sf.info(str(path))
+        if max_seconds is not None and info.duration > max_seconds:
+            raise AudioTooLong(f"audio {path} lasts {info.duration:.1f} s; references are limited to {max_seconds:g} s "
+                               f"(the first {MAX_REF_MS / 1000:g} s of speech are used): cut it shorter")
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise InputError(f"cannot read audio {path}: {e}. Give a WAV, FLAC, OGG or MP3 file") from None
@@ -62,9 +77,41 @@ def audio_bytes(samples: np.ndarray, rate: int, container: str = "WAV") -> bytes
     return buf.getvalue()
 
 
+def _output_target(path: Path) -> Path:
+    return path.resolve() if path.is_symlink() else path  # a link stays a link: its target is written
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuses an output that write_wav could not write (a directory, a place without write access),
+    before any work is done."""
+    target = _output_target(Path(path))
+    if target.is_dir():
+        raise InputError(f"{path} is a directory: give a file name for the output, e.g. {Path(path) / 'out.wav'}")
+    try:
+        if target.exists() and not target.is_file():  # a device node or FIFO is written through
+            ok = os.access(target, os.W_OK)
+        else:  # a regular file is replaced by a temporary file beside it
+            above = next(p for p in target.absolute().parents if p.exists())
+            if not above.is_dir():
+                raise InputError(f"cannot write {path}: {above} is not a directory: choose another output path")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=target.parent).close()
+            ok = True
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}: choose another output path") from None
+    if not ok:
+        raise InputError(f"cannot write {path}: permission denied: choose another output path")
+
+
 def write_wav(path: str | Path, samples: np.ndarray, rate: int) -> None:
-    """Written whole or not at all: a temporary file renamed into place."""
-    atomic_write_bytes(Path(path), audio_bytes(samples, rate))
+    """A regular file is written whole or not at all (a temporary file renamed into place); a link's
+    target is written, and a device node or FIFO written through, never replaced (think /dev/null)."""
+    target, data = _output_target(Path(path)), audio_bytes(samples, rate)
+    if target.exists() and not target.is_file():
+        with target.open("wb") as f:
+            f.write(data)
+    else:
+        atomic_write_bytes(target, data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,8 +236,13 @@ class Reference:
 
 
 def prepare_reference(path: str | Path, target_rms: float, mel: MelConfig = MelConfig()) -> Reference:
-    audio, rate = read_audio(path)
-    audio = trim_silence_edges(clip_reference(audio, rate), rate)
+    audio, rate = read_audio(path, MAX_REF_FILE_S)
+    clipped = clip_reference(audio, rate)
+    if audio.shape[1] > MAX_REF_MS * rate / 1000:  # (clipping also shortens long silences in shorter clips)
+        warnings.warn(f"reference audio {Path(path).name} lasts {audio.shape[1] / rate:.2f} s; "
+                      f"{clipped.shape[1] / rate:.2f} s of it are kept "
+                      f"(references are clipped to {MAX_REF_MS / 1000:g} s)")
+    audio = trim_silence_edges(clipped, rate)
     seconds = audio.shape[1] / rate
     wave = torch.from_numpy(audio).mean(dim=0, keepdim=True)
     rms = float(torch.sqrt(torch.mean(wave.square())))

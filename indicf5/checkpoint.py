@@ -120,7 +120,16 @@ def validate(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, t
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if items]
     if problems:
         raise InputError("checkpoint does not match IndicF5's DiT architecture: " + "; ".join(problems))
+    check_finite(state, "checkpoint")
     return state
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Weights holding NaN or Inf would synthesise silence without a word: refuse them, naming the tensors."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise InputError(f"{what} weights hold NaN or Inf in {len(bad)} tensor(s): {', '.join(bad[:8])}"
+                         f"{' ...' if len(bad) > 8 else ''}: the file is damaged; download or export it again")
 
 
 def load_checkpoint(path: str | Path, vocab_path: str | Path | None = None) -> Checkpoint:
@@ -144,6 +153,8 @@ def load_checkpoint(path: str | Path, vocab_path: str | Path | None = None) -> C
     transformer, vocoder = split_state(_read_weights(weights))
     config = infer_config(transformer, config_json)
     transformer = validate(transformer, config)
+    if vocoder:
+        check_finite(vocoder, "the bundled vocoder's")
     vocab = Vocab.load(vocab_path)
     if len(vocab) != config.text_num_embeds:
         raise InputError(f"vocab.txt has {len(vocab)} entries but the checkpoint's text embedding expects {config.text_num_embeds}: wrong vocab.txt for this model")

@@ -5,22 +5,46 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable
+
+from pydantic import BaseModel, ValidationError
 
 from indicf5.errors import InputError
 
 SCHEDULE_HELP = "time grid: uniform (IndicF5's), or epss (f5-tts 1.1's for 5, 6, 7, 10, 12, 16 steps; uniform otherwise)"
 
 
+def _validated(model: type[BaseModel], options: dict[str, str] | None = None, **values) -> BaseModel:
+    """model(**values), checked before any work; a refused value is bad input named by its option
+    (--field-name unless `options` names it otherwise)."""
+    try:
+        return model(**values)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if error["loc"]:
+                field = str(error["loc"][0])
+                option = (options or {}).get(field, "--" + field.replace("_", "-"))
+                message = f"{option} {values.get(field, error['input'])}: {message}"
+            problems.append(message)
+        raise InputError("; ".join(problems)) from None
+
+
 def _make_synthetic(args) -> None:
+    from indicf5.config import ModelConfig
     from indicf5.synthetic import make_synthetic
 
+    _validated(ModelConfig, dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim // max(args.heads, 1),
+               text_dim=args.text_dim, conv_layers=args.conv_layers)
     out = make_synthetic(args.dir, dim=args.dim, depth=args.depth, heads=args.heads, text_dim=args.text_dim,
                          conv_layers=args.conv_layers, seed=args.seed, replace=args.force)
     print(f"synthetic IndicF5 snapshot: {out}")
@@ -43,18 +67,23 @@ def _stream(synth, args, ref_text: str, sampling) -> None:
 
 
 def _synth(args) -> None:
-    from indicf5.audio import write_wav
-    from indicf5.config import SamplingConfig
+    from indicf5.audio import check_writable, write_wav
+    from indicf5.config import SamplingConfig, check_device
     from indicf5.synth import Synthesizer
 
+    sampling = _validated(SamplingConfig, {"cfg_strength": "--cfg"}, nfe=args.nfe, cfg_strength=args.cfg,
+                          speed=args.speed, seed=args.seed, schedule=args.schedule)
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise InputError(f"--device: {e}") from None
+    check_writable(args.out)
     ref_text = args.ref_text
     if ref_text is None:
         ref_txt = Path(args.ref_audio).with_suffix(".txt")
         if not ref_txt.is_file():
             raise InputError(f"no --ref-text given and no transcript at {ref_txt}: give --ref-text")
         ref_text = ref_txt.read_text(encoding="utf-8").strip()
-    sampling = SamplingConfig(nfe=args.nfe, cfg_strength=args.cfg, speed=args.speed, seed=args.seed,
-                              schedule=args.schedule)
     if args.engine:
         synth = Synthesizer.from_engine(args.engine, device=args.device, vocoder_dir=args.vocoder)
     else:
@@ -69,6 +98,14 @@ def _synth(args) -> None:
 
 
 def _build(args) -> int:
+    from indicf5.backends import get_backend
+    from indicf5.config import SamplingConfig
+
+    for backend in args.backend or []:
+        get_backend(backend)  # an unknown name is bad input, before Prefect starts
+    _validated(SamplingConfig, nfe=args.nfe)
+    _validated(SamplingConfig, {"nfe": "--parity-nfe"}, nfe=args.parity_nfe)
+
     from flows.build import BuildFailed, StageFailed, build_engine_flow
     from indicf5.parity import ParityConfig
     from indicf5.settings import Settings
@@ -131,14 +168,29 @@ def _watch(args) -> None:
     print(f"{result.repo_id}@{result.branch} = {result.sha}: {result.action} ({result.detail})")
 
 
-def _serve(args) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything loads: a taken port is bad input, said in one line."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}; stop what uses it or pick another --port")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _serve(args) -> int:
     import uvicorn
 
     from indicf5.serve.app import ServerConfig, create_app
 
     overrides = {k: v for k, v in (("backend", args.backend), ("devices", args.device), ("voices_dir", args.voices_dir),
                                    ("max_batch_rows", args.max_batch), ("max_queue", args.max_queue)) if v is not None}
-    config = ServerConfig(**overrides)
+    config = _validated(ServerConfig, {"max_batch_rows": "--max-batch", "devices": "--device"}, **overrides)
     if config.backend is not None:
         from indicf5.backends import get_backend
 
@@ -151,8 +203,23 @@ def _serve(args) -> None:
 
         engine_dir, backend = resolve_engine(Settings(), args.engine, config.backend)
         config = config.model_copy(update={"backend": backend})
+    sock = _listen(args.host, args.port)
+    if config.api_key is None and not _is_loopback(args.host):
+        warnings.warn(f"serving on {args.host} without an API key: anyone who reaches it can add and delete voices; "
+                      "set TTS_API_KEY to require Authorization: Bearer <key>")
+    app = create_app(engine_dir, config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    engine = app.state.engine
+    engine.on_failure = lambda: setattr(server, "should_exit", True)  # uvicorn's way to stop a running server
     print(f"serving {engine_dir} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
-    uvicorn.run(create_app(engine_dir, config), host=args.host, port=args.port, log_level="info")
+    server.run(sockets=[sock])
+    if isinstance(engine.failure, InputError):
+        raise InputError(f"the engine {engine_dir} failed to load: {engine.failure}")
+    if engine.failure is not None:
+        reason = f"{type(engine.failure).__name__}: {engine.failure}"
+        print(f"indicf5 serve: the engine {engine_dir} failed to load: {reason}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["fp32", "fp16", "bf16"]
 Schedule = Literal["uniform", "epss"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; a signed 64-bit seed survives every JSON client
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+
+
+def check_device(name: str) -> str:
+    """A torch device this machine has: cpu, cuda, cuda:N (N below the GPU count)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"no device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+Device = Annotated[str, AfterValidator(check_device)]
 
 
 class ModelConfig(BaseModel):
@@ -30,7 +46,8 @@ class ModelConfig(BaseModel):
     @model_validator(mode="after")
     def _heads_fit(self) -> "ModelConfig":
         if self.heads * self.dim_head != self.dim:
-            raise ValueError(f"heads*dim_head must equal dim, got {self.heads}*{self.dim_head} != {self.dim}")
+            raise ValueError(f"heads*dim_head must equal dim, got {self.heads}*{self.dim_head} != {self.dim}: "
+                             "choose heads that divide dim")
         return self
 
 
@@ -58,4 +75,4 @@ class SamplingConfig(BaseModel):
     target_rms: float = Field(0.1, gt=0.0, description="quiet references are raised to this RMS")
     cross_fade_s: float = Field(0.15, ge=0.0, description="cross-fade between text chunks")
     max_frames: int = Field(4096, description="IndicF5's longest generated sequence (~43.7 s)")
-    seed: int | None = None
+    seed: Seed | None = None

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
+import time
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -67,7 +71,7 @@ def test_long_text_is_chunked_and_shows_progress(cli_snapshot, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "corrupt weights", "empty text", "unknown script",
-                                  "unreadable audio", "other architecture"])
+                                  "unreadable audio", "other architecture", "nan weights"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli_snapshot, tmp_path, case):
     snapshot = tmp_path / "snap"
     shutil.copytree(cli_snapshot, snapshot)
@@ -91,6 +95,15 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli_snapshot, tmp_pa
 
         save_file({"model.layers.0.weight": torch.zeros(4, 4)}, str(snapshot / "model.safetensors"))
         expect = "not an F5-TTS DiT checkpoint"
+    elif case == "nan weights":
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(snapshot / "model.safetensors"))
+        prefix = "ema_model._orig_mod.transformer."
+        state[prefix + "transformer_blocks.1.attn.to_q.weight"][0, 0] = float("nan")
+        state[prefix + "proj_out.bias"][3] = float("inf")
+        save_file(state, str(snapshot / "model.safetensors"))
+        expect = "NaN or Inf in 2 tensor(s): proj_out.bias, transformer_blocks.1.attn.to_q.weight"
     ref = cli_snapshot / "reference.wav" if case != "unreadable audio" else snapshot / "reference.wav"
     out = tmp_path / "out.wav"
     done = indicf5("synth", "--checkpoint", str(snapshot), "--text", text, "--ref-audio", str(ref),
@@ -123,3 +136,72 @@ def test_prefect_waits_long_enough_for_its_ephemeral_api_unless_the_user_says(us
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) == expected
+
+
+CARELESS = {
+    "synth --nfe 0": (["--nfe", "0"], "--nfe 0: Input should be greater than or equal to 1"),
+    "synth --nfe -3": (["--nfe", "-3"], "--nfe -3: Input should be greater than or equal to 1"),
+    "synth --speed 0": (["--speed", "0"], "--speed 0.0: Input should be greater than 0"),
+    "synth --cfg -1": (["--cfg", "-1"], "--cfg -1.0: Input should be greater than or equal to 0"),
+    "synth --device bogus": (["--device", "bogus"], "--device: unknown device 'bogus'"),
+    "synth --out a directory": (["--out", "{tmp}"], "{tmp} is a directory: give a file name"),
+    "synth --out under a file": (["--out", "{tmp}/file.txt/out.wav"], "cannot write {tmp}/file.txt/out.wav: {tmp}/file.txt is not a directory"),
+    "make-synthetic --heads 3": (["--heads", "3"], "heads*dim_head must equal dim, got 3*21 != 64"),
+    "serve --max-batch 0": (["--max-batch", "0"], "--max-batch 0: Input should be greater than or equal to 1"),
+    "build --backend bogus": (["--backend", "bogus"], "unknown backend 'bogus': choose from eager"),
+    "build --nfe 0": (["--nfe", "0"], "--nfe 0: Input should be greater than or equal to 1"),
+}
+
+
+@pytest.mark.parametrize("case", CARELESS)
+def test_careless_arguments_exit_2_with_one_line_before_any_work(cli_snapshot, tmp_path, case):
+    extra, expect = CARELESS[case]
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    (tmp_path / "file.txt").write_text("a file, not a directory")
+    command = case.split()[0]
+    args = {
+        "synth": ["--checkpoint", str(cli_snapshot), "--text", "नमस्ते", "--ref-audio",
+                  str(cli_snapshot / "reference.wav"), "--out", str(tmp_path / "out.wav")],
+        "make-synthetic": [str(tmp_path / "snap")],
+        "serve": ["--engine", str(tmp_path)],
+        "build": ["--synthetic"],
+    }[command]
+    start = time.monotonic()
+    done = indicf5(command, *args, *extra)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"indicf5 {command}: " + done.stderr.strip().split(": ", 1)[1]]
+    assert expect.replace("{tmp}", str(tmp_path)) in done.stderr and "Traceback" not in done.stderr
+    assert "step" not in done.stderr and time.monotonic() - start < 60  # refused before synthesis or Prefect
+    assert not (tmp_path / "out.wav").exists() and not (tmp_path / "snap").exists()
+
+
+def test_out_writes_through_a_symlink_and_a_fifo(cli_snapshot, tmp_path):
+    target = tmp_path / "target.wav"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.wav"
+    link.symlink_to(target)
+    assert synth(cli_snapshot, link, "नमस्ते").returncode == 0
+    assert link.is_symlink() and sf.info(target).samplerate == 24_000
+
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    done = synth(cli_snapshot, fifo, "नमस्ते")
+    reader.join(timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode), "the FIFO was replaced by a regular file"
+    assert got and got[0][:4] == b"RIFF" and got[0] == target.read_bytes()
+
+
+def test_a_long_reference_is_clipped_with_a_warning(cli_snapshot, tmp_path):
+    clip, rate = sf.read(cli_snapshot / "reference.wav")
+    long_ref = tmp_path / "long.wav"
+    sf.write(long_ref, np.tile(clip, 10), rate)
+    done = indicf5("synth", "--checkpoint", str(cli_snapshot), "--text", "नमस्ते", "--ref-audio", str(long_ref),
+                   "--ref-text", "नमस्ते", "--out", str(tmp_path / "out.wav"), "--nfe", "2")
+    assert done.returncode == 0, done.stderr
+    warning = next(line for line in done.stderr.splitlines() if line.startswith("warning: reference audio"))
+    kept = float(warning.split("; ")[1].split(" s")[0])
+    assert f"lasts {10 * len(clip) / rate:.2f} s" in warning and 6 <= kept <= 15

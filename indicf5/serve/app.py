@@ -7,39 +7,47 @@ library errors map to statuses by their class (`ERROR_STATUS`).
     POST /v1/audio/speech   OpenAI-compatible: {"input", "voice", "speed", "response_format"}
     POST /v1/synthesize     multipart: text, ref_audio (file), ref_text
     GET/POST/DELETE /v1/voices
-    GET /healthz  GET /readyz  GET /metrics  GET /docs
+    GET /healthz  GET /readyz  GET /metrics  GET /docs (Swagger UI from local assets)
+
+With TTS_API_KEY set, every route but the probes (/healthz, /readyz) and the docs (/docs,
+/openapi.json and their assets) wants `Authorization: Bearer <key>`, as OpenAI clients send it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import shutil
 import tempfile
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, AsyncIterator, Callable, Literal
 
 import torch
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from indicf5.audio import CrossFade, audio_bytes, pcm16, prepare_reference, wav_stream_header
+from indicf5.audio import AudioTooLong, CrossFade, audio_bytes, pcm16, prepare_reference, wav_stream_header
 from indicf5.backends import read_spec
-from indicf5.config import SamplingConfig, Schedule
+from indicf5.config import SEED_MAX, Device, SamplingConfig, Schedule, Seed
 from indicf5.errors import InputError
 from indicf5.settings import Settings
 from indicf5.serve.batching import InferenceFailed, InferenceQueue, InferenceWorker, QueueFull
 from indicf5.serve.metrics import Metrics
 from indicf5.serve.middleware import BodyLimit, Measure, error_response
-from indicf5.serve.voices import UnknownVoice, Voice, VoiceExists, VoiceStore
+from indicf5.serve.voices import UnknownVoice, Voice, VoiceExists, VoiceQuotaExceeded, VoiceStore, audio_suffix
 from indicf5.synth import Row, Synthesizer
 
 log = logging.getLogger(__name__)
@@ -54,7 +62,8 @@ class ServerConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTS_", extra="ignore")
 
     backend: str | None = Field(None, description="run the engine on this backend (eager = the PyTorch path)")
-    devices: list[str] = Field(default_factory=list, description="one inference worker each; default every GPU, else cpu")
+    devices: list[Device] = Field(default_factory=list,
+                               description="one inference worker each; default every GPU, else cpu")
     voices_dir: Path | None = Field(None, description="named voices; default $INDICF5_HOME/voices")
     max_queue: int = Field(64, ge=1, description="queued requests before 429")
     max_batch_rows: int = Field(8, ge=1, description="utterance chunks per engine batch")
@@ -64,6 +73,9 @@ class ServerConfig(BaseSettings):
     max_upload_bytes: int = Field(10 * 2**20, ge=1)
     nfe: int = Field(32, ge=1, le=1024)
     schedule: Schedule = Field("uniform", description="time grid of requests that name none (SamplingConfig)")
+    api_key: SecretStr | None = Field(None, description="when set, requests need Authorization: Bearer <api_key>")
+    max_voices: int = Field(100, ge=0, description="stored voices before POST /v1/voices answers 507")
+    max_voices_bytes: int = Field(2**30, ge=0, description="disk the stored voices may use before 507")
 
     def worker_devices(self) -> list[str]:
         if self.devices:
@@ -80,7 +92,7 @@ class SpeechRequest(BaseModel):
     instructions: str | None = None
     speed: float = Field(1.0, ge=0.25, le=4.0)
     response_format: ResponseFormat = "wav"
-    seed: int | None = Field(None, description="same seed, same audio")
+    seed: Seed | None = Field(None, description=f"same seed, same audio (0 to {SEED_MAX})")
     schedule: Schedule | None = Field(None, description="time grid: uniform or epss (default: the server's)")
     stream: bool = Field(False, description="send the audio as each text chunk is rendered (chunked transfer; pcm or wav)")
     stream_format: Literal["audio"] | None = Field(None, description="OpenAI's: raw audio bytes (server-sent events are not served)")
@@ -97,7 +109,8 @@ class Engine:
     synthesizers: list[Synthesizer] = field(default_factory=list)
     workers: list[InferenceWorker] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
-    error: str | None = None
+    failure: Exception | None = None
+    on_failure: Callable[[], None] | None = None  # `indicf5 serve` stops the server: no engine, no service
 
     def load(self) -> None:
         """Loads and warms an engine per device, captures every shape its batches can take, then
@@ -118,8 +131,13 @@ class Engine:
             self.ready.set()
             log.info("engine %s ready on %s", self.engine_dir, ", ".join(s.device for s in self.synthesizers))
         except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-            log.exception("loading the engine %s failed", self.engine_dir)
+            self.failure = e
+            if isinstance(e, InputError):
+                log.error("loading the engine %s failed: %s", self.engine_dir, e)
+            else:
+                log.exception("loading the engine %s failed", self.engine_dir)
+            if self.on_failure is not None:
+                self.on_failure()
 
     def watch_after_ready(self) -> None:
         """The metrics of what the engines compile and capture from now on (nothing, when load did it all)."""
@@ -162,7 +180,8 @@ class ApiError(Exception):
 
 
 # Library errors by class; a subclass takes its nearest listed ancestor's status.
-ERROR_STATUS: dict[type[Exception], int] = {InputError: 400, UnknownVoice: 404, VoiceExists: 409}
+ERROR_STATUS: dict[type[Exception], int] = {InputError: 400, UnknownVoice: 404, VoiceExists: 409, AudioTooLong: 413,
+                                            VoiceQuotaExceeded: 507}
 
 
 def error_status(e: Exception) -> int:
@@ -187,8 +206,8 @@ async def http_error(request: Request, e: HTTPException) -> Response:
 
 
 async def server_error(request: Request, e: Exception) -> Response:
-    log.exception("%s %s failed", request.method, request.url.path)
-    return error_response(500, f"internal error: {type(e).__name__}: {e}")
+    log.exception("%s %s failed", request.method, request.url.path)  # the details (paths, values) stay in the log
+    return error_response(500, f"internal error ({type(e).__name__}); the server's log has the details")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -203,9 +222,23 @@ def install_error_handlers(app: FastAPI) -> None:
 # --- request checks
 
 
+bearer = HTTPBearer(auto_error=False, description="the server's TTS_API_KEY, when it has one")
+
+
+def require_api_key(request: Request,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    key = request.app.state.config.api_key
+    if key is None:
+        return
+    given = credentials.credentials.encode() if credentials else b""
+    if not secrets.compare_digest(given, key.get_secret_value().encode()):
+        raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <the server's TTS_API_KEY>",
+                       {"WWW-Authenticate": "Bearer"})
+
+
 def require_ready(engine: Engine) -> Synthesizer:
-    if engine.error:
-        raise ApiError(503, f"the engine failed to load: {engine.error}")
+    if engine.failure is not None:
+        raise ApiError(503, f"the engine failed to load: {engine.failure}")
     if not engine.ready.is_set():
         raise ApiError(503, "the engine is still loading; retry shortly", {"Retry-After": "5"})
     return engine.synthesizers[0]
@@ -214,7 +247,7 @@ def require_ready(engine: Engine) -> Synthesizer:
 def content_type(expected: str):
     """A route dependency: the request's media type must be `expected`."""
     def check(request: Request) -> None:
-        got = request.headers.get("content-type", "").split(";")[0].strip()
+        got = request.headers.get("content-type", "").split(";")[0].strip().lower()  # media types ignore case
         if got != expected:
             raise ApiError(415, f"content type {got or 'missing'!r}: this endpoint takes {expected}")
     return Depends(check)
@@ -231,15 +264,23 @@ def check_text(text: str, what: str, config: ServerConfig) -> None:
                             "split it into several requests")
 
 
-async def save_upload(upload: UploadFile, folder: Path, config: ServerConfig) -> Path:
+@asynccontextmanager
+async def received(upload: UploadFile, config: ServerConfig) -> AsyncIterator[Path]:
+    """The upload as a file of the server's naming in a temporary directory (a client's name may be `..` or
+    too long for the filesystem); errors about it name the upload, never the temporary file."""
+    shown = Path(upload.filename or "").name[:64] or "the upload"
     if upload.size is not None and upload.size > config.max_upload_bytes:
-        raise ApiError(413, f"{upload.filename}: {upload.size} bytes; uploads are limited to {config.max_upload_bytes} bytes")
-    data = await upload.read()
-    if not data:
-        raise ApiError(400, f"{upload.filename or 'the upload'} is empty: send a WAV or FLAC reference clip")
-    path = folder / (Path(upload.filename or "").name or "upload")
-    path.write_bytes(data)
-    return path
+        raise ApiError(413, f"{shown}: {upload.size} bytes; uploads are limited to {config.max_upload_bytes} bytes")
+    if not upload.size:
+        raise ApiError(400, f"{shown} is empty: send a WAV or FLAC reference clip")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"upload{audio_suffix(upload.filename)}"
+        with path.open("wb") as f:
+            await run_in_threadpool(shutil.copyfileobj, upload.file, f)
+        try:
+            yield path
+        except InputError as e:
+            raise type(e)(str(e).replace(str(path), shown)) from None
 
 
 def sampling_for(config: ServerConfig, speed: float, seed: int | None, schedule: Schedule | None = None) -> SamplingConfig:
@@ -249,7 +290,8 @@ def sampling_for(config: ServerConfig, speed: float, seed: int | None, schedule:
 # --- speaking: prepare -> queue -> wait -> finish -> encode
 
 
-async def speak(request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig, fmt: str) -> Response:
+async def speak(request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig,
+                fmt: str) -> Response:
     state = request.app.state
     synth = require_ready(state.engine)
     utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
@@ -261,8 +303,9 @@ async def speak(request: Request, text: str, ref_audio: Path, ref_text: str, sam
     speech = synth.finish(utterance, rendered, sampling)
     container, media_type = AUDIO_FORMATS[fmt]
     body = await run_in_threadpool(audio_bytes, speech.wave, speech.sample_rate, container)
-    return Response(body, media_type=media_type, headers={"X-Audio-Seconds": f"{len(speech.wave) / speech.sample_rate:.3f}",
-                                                          "X-Sample-Rate": str(speech.sample_rate)})
+    seconds = len(speech.wave) / speech.sample_rate
+    return Response(body, media_type=media_type,
+                    headers={"X-Audio-Seconds": f"{seconds:.3f}", "X-Sample-Rate": str(speech.sample_rate)})
 
 
 async def wait_for(future, request: Request | None, timeout_s: float):
@@ -324,11 +367,12 @@ async def speak_stream(request: Request, text: str, ref_audio: Path, ref_text: s
 # --- routes
 
 
-router = APIRouter()
+api = APIRouter(dependencies=[Depends(require_api_key)])
+probes = APIRouter()  # open to load balancers and orchestrators, key or not
 AUDIO_RESPONSES = {200: {"content": {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}}}}
 
 
-@router.post("/v1/audio/speech", response_class=Response, tags=["speech"], dependencies=[json_body],
+@api.post("/v1/audio/speech", response_class=Response, tags=["speech"], dependencies=[json_body],
              responses=AUDIO_RESPONSES)
 async def audio_speech(request: Request, body: SpeechRequest):
     """Speech for `input` in a stored voice; `pcm` is raw 16-bit little-endian mono at 24 kHz."""
@@ -340,51 +384,50 @@ async def audio_speech(request: Request, body: SpeechRequest):
     return await respond(request, body.input, audio, voice.ref_text, sampling, body.response_format)
 
 
-@router.post("/v1/synthesize", response_class=Response, tags=["speech"], dependencies=[multipart_body],
+@api.post("/v1/synthesize", response_class=Response, tags=["speech"], dependencies=[multipart_body],
              responses=AUDIO_RESPONSES)
 async def synthesize(request: Request, text: Annotated[str, Form()], ref_audio: Annotated[UploadFile, File()],
                      ref_text: Annotated[str, Form()], speed: Annotated[float, Form(ge=0.25, le=4.0)] = 1.0,
-                     seed: Annotated[int | None, Form()] = None, schedule: Annotated[Schedule | None, Form()] = None,
+                     seed: Annotated[int | None, Form(ge=0, le=SEED_MAX)] = None,
+                     schedule: Annotated[Schedule | None, Form()] = None,
                      response_format: Annotated[ResponseFormat, Form()] = "wav"):
     """Speech for `text` in the voice of an uploaded reference clip and its transcript."""
     config = request.app.state.config
     check_text(text, "text", config)
     check_text(ref_text, "ref_text", config)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = await save_upload(ref_audio, Path(tmp), config)
+    async with received(ref_audio, config) as path:
         return await speak(request, text, path, ref_text, sampling_for(config, speed, seed, schedule), response_format)
 
 
-@router.get("/v1/voices", tags=["voices"])
+@api.get("/v1/voices", tags=["voices"])
 async def list_voices(request: Request) -> list[Voice]:
     return request.app.state.voices.list()
 
 
-@router.post("/v1/voices", status_code=201, tags=["voices"], dependencies=[multipart_body])
+@api.post("/v1/voices", status_code=201, tags=["voices"], dependencies=[multipart_body])
 async def add_voice(request: Request, name: Annotated[str, Form()], audio: Annotated[UploadFile, File()],
                     ref_text: Annotated[str, Form()]) -> Voice:
     """Stores a named reference voice (the clip and its transcript) for /v1/audio/speech."""
     config, voices = request.app.state.config, request.app.state.voices
     check_text(ref_text, "ref_text", config)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = await save_upload(audio, Path(tmp), config)
-        await run_in_threadpool(prepare_reference, path, SamplingConfig().target_rms)  # refuses what cannot be a reference
-        return await run_in_threadpool(voices.add, name, path, ref_text, Path(audio.filename or "").suffix)
+    async with received(audio, config) as path:
+        await run_in_threadpool(prepare_reference, path, SamplingConfig().target_rms)  # refuses what cannot be one
+        return await run_in_threadpool(voices.add, name, path, ref_text)
 
 
-@router.delete("/v1/voices/{name}", status_code=204, tags=["voices"])
+@api.delete("/v1/voices/{name}", status_code=204, tags=["voices"])
 async def delete_voice(request: Request, name: str) -> Response:
     request.app.state.voices.delete(name)
     return Response(status_code=204)
 
 
-@router.get("/healthz", tags=["operations"])
+@probes.get("/healthz", tags=["operations"])
 async def healthz():
     """The process answers."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["operations"])
+@probes.get("/readyz", tags=["operations"])
 async def readyz(request: Request):
     """Ready once the engine is loaded and warmed on every device."""
     engine, config = request.app.state.engine, request.app.state.config
@@ -394,7 +437,7 @@ async def readyz(request: Request):
             "dtype": spec.dtype, "devices": [s.device for s in engine.synthesizers], "queue_depth": len(engine.queue)}
 
 
-@router.get("/metrics", tags=["operations"])
+@api.get("/metrics", tags=["operations"])
 async def prometheus_metrics(request: Request):
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -414,13 +457,15 @@ def create_app(engine_dir: Path, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     metrics = Metrics()
     queue = InferenceQueue(metrics, config.max_queue, config.max_batch_rows, config.batch_wait_ms / 1000)
-    app = FastAPI(title="IndicF5 TTS", version="0.1.0", lifespan=lifespan,
-                  description="Speech in the voice of a reference clip, from a built IndicF5 engine.")
+    app = FastAPIOffline(title="IndicF5 TTS", version="0.1.0", lifespan=lifespan,
+                         description="Speech in the voice of a reference clip, from a built IndicF5 engine.")
     app.state.config, app.state.metrics, app.state.queue = config, metrics, queue
     app.state.engine = Engine(Path(engine_dir), config, queue, metrics)
-    app.state.voices = VoiceStore(config.voices_dir or Settings().store_root / "voices")
+    app.state.voices = VoiceStore(config.voices_dir or Settings().store_root / "voices", config.max_voices,
+                                  config.max_voices_bytes)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes + 2**16)  # the upload plus its form fields
     app.add_middleware(Measure, metrics=metrics)
-    app.include_router(router)
+    app.include_router(api)
+    app.include_router(probes)
     return app

@@ -4,18 +4,21 @@
              check_environment ────┘                                                              │
                                               register (MLflow parent + nested runs) <────────────┘
 
-A branch that fails (backend unavailable, parity gate) does not stop the others; the flow ends
-Failed, naming them, after the branches that passed are registered.
+The build's MLflow run opens as the flow starts and closes as it ends. A branch that fails (backend
+unavailable, parity gate) does not stop the others; the flow ends Failed, naming them, after the
+branches that passed are registered. Expected failures end the flow in a Failed state with the
+reason as its message, not a traceback.
 """
 
 from __future__ import annotations
 
+import time
 from itertools import product
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
 from indicf5.benchmark import BenchmarkConfig
 from indicf5.config import DType
@@ -23,14 +26,14 @@ from indicf5.hub import DEFAULT_REPO
 from indicf5.parity import ParityConfig
 from indicf5.settings import Settings
 from indicf5.summary import BranchSummary, BuildSummary
-from indicf5.tracking import BranchRecord
+from indicf5.tracking import BranchRecord, run_url
 from tasks.benchmark import benchmark
 from tasks.build import build_engine
 from tasks.convert import convert_checkpoint
 from tasks.download import download_snapshot
 from tasks.environment import check_environment
 from tasks.export import export_transformer
-from tasks.register import publish_summary, register
+from tasks.register import end_build_run, publish_summary, register, start_build_run
 from tasks.resolve import prepare_synthetic, resolve_revision
 from tasks.verify import verify_parity
 
@@ -40,11 +43,17 @@ class StageFailed(Exception):
         self.stage, self.error = stage, error
         super().__init__(f"{stage}: {error}")
 
+    def __reduce__(self):  # pickled with a failed state's data
+        return StageFailed, (self.stage, self.error)
+
 
 class BuildFailed(Exception):
     def __init__(self, summary: BuildSummary):
         self.summary = summary
         super().__init__("; ".join(f"{b.backend}-{b.dtype}: {b.error}" for b in summary.failed))
+
+    def __reduce__(self):
+        return BuildFailed, (self.summary,)
 
 
 class Stages:
@@ -94,7 +103,28 @@ def build_engine_flow(
         parity: The parity gate: lengths, steps and relative-L2 thresholds per dtype.
         build_flags: Backend build flags, overriding the backend's defaults.
     """
-    pairs = list(product(backends, dtypes))
+    mlflow_run = start_build_run(started=time.time())
+    try:
+        summary = _build(mlflow_run, repo_id, revision, checkpoint, synthetic, list(product(backends, dtypes)), nfe,
+                         BenchmarkConfig(lengths=bench_lengths, nfe=nfe), parity, build_flags)
+    except StageFailed as e:  # a stage every branch needs: the build ends here, saying which and why
+        end_build_run(mlflow_run, None, str(e))
+        return Failed(message=str(e), data=e)
+    except BaseException as e:
+        end_build_run(mlflow_run, None, repr(e))
+        raise
+    end_build_run(mlflow_run, summary.mlflow_run_id, str(BuildFailed(summary)) if summary.failed else None)
+    publish_summary(summary)
+    if summary.failed:  # expected failures of some branches: a Failed state naming them, no traceback
+        failed = BuildFailed(summary)
+        return Failed(message=str(failed), data=failed)
+    return Completed(message=f"registered: MLflow run {summary.mlflow_run_id}", data=summary)
+
+
+def _build(mlflow_run: str, repo_id: str, revision: str, checkpoint: str | None, synthetic: bool,
+           pairs: list[tuple[str, DType]], nfe: int, bench_config: BenchmarkConfig, parity: ParityConfig,
+           build_flags: dict[str, Any]) -> BuildSummary:
+    """The stages, in order; a branch that fails is noted in the summary and the others go on."""
     stages = Stages(total=int(synthetic) + 4 + 4 * len(pairs) + 1)
     if synthetic:
         checkpoint = stages.run(prepare_synthetic, "prepare_synthetic")
@@ -102,7 +132,6 @@ def build_engine_flow(
     snapshot = stages.run(download_snapshot, "download_snapshot", source)
     export = stages.run(export_transformer, "export_transformer", snapshot)
     environment = stages.run(check_environment, "check_environment")
-    bench_config = BenchmarkConfig(lengths=bench_lengths, nfe=nfe)
 
     records: list[BranchRecord] = []
     branches: list[BranchSummary] = []
@@ -114,19 +143,15 @@ def build_engine_flow(
             verify = stages.run(verify_parity, f"{name}/verify_parity", engine, export, parity, environment.device)
             bench = stages.run(benchmark, f"{name}/benchmark", engine, bench_config, environment)
         except StageFailed as e:  # the branch fails; the others go on
-            branches.append(BranchSummary(backend=backend, dtype=dtype, error=str(e)))
+            branches.append(BranchSummary(backend=backend, dtype=dtype, error=f"{e.stage.split('/')[-1]}: {e.error}"))
             continue
         records.append(BranchRecord(backend=backend, dtype=dtype, convert=convert, engine=engine, verify=verify, benchmark=bench))
         branches.append(BranchSummary(backend=backend, dtype=dtype, engine=engine.path, parity_rel_l2=verify.info["worst_rel_l2"],
                                       e2e_p50_ms={n: v["e2e_p50_ms"] for n, v in bench.info["summary"].items()}))
 
     failures = {f"{b.backend}-{b.dtype}": b.error for b in branches if b.error}
-    run_id = stages.run(register, "register", source, environment, snapshot, export, records, failures, nfe)
-    summary = BuildSummary(source=source, stages=stages.states, branches=branches, mlflow_run_id=run_id,
-                           tracking_uri=Settings().tracking_uri)
+    run_id = stages.run(register, "register", mlflow_run, source, environment, snapshot, export, records, failures, nfe)
     update_progress_artifact(stages.progress, 100.0)
-    publish_summary(summary)
-    if summary.failed:
-        raise BuildFailed(summary)
-    return Completed(message=f"registered: MLflow run {run_id}", data=summary)
-
+    settings = Settings()
+    return BuildSummary(source=source, stages=stages.states, branches=branches, mlflow_run_id=run_id,
+                        tracking_uri=settings.tracking_uri, mlflow_run_url=run_url(settings, run_id))

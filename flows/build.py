@@ -137,6 +137,10 @@ def _build(mlflow_run: str, repo_id: str, revision: str, checkpoint: str | None,
     branches: list[BranchSummary] = []
     for backend, dtype in pairs:
         name = f"{backend}-{dtype}"
+        if (why := environment.backends.get(backend)) is not None:  # cannot build here: an expected failure, no task
+            branches.append(BranchSummary(backend=backend, dtype=dtype, error=f"check_environment: {why}"))
+            stages.total -= 4
+            continue
         try:
             convert = stages.run(convert_checkpoint, f"{name}/convert_checkpoint", export, backend, dtype)
             engine = stages.run(build_engine, f"{name}/build_engine", convert, export, backend, dtype, build_flags, environment)

@@ -197,11 +197,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+QUIET_ENV = Path(__file__).with_name("quiet.env")  # no telemetry, analytics or promotional calls
+
+
+def quiet_settings() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in QUIET_ENV.read_text().splitlines() if line and not line.startswith("#"))
+
+
 def use_prefect_defaults() -> None:
-    """Settings Prefect reads when first imported; a user's own environment wins."""
+    """Settings Prefect and MLflow read when first imported; a user's own environment wins."""
     # Without PREFECT_API_URL a build runs on Prefect's ephemeral API, which migrates a new database on its
     # first start: 19-25 s on a 2-core machine, past Prefect's default 20 s wait, and the build then fails.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    for key, value in quiet_settings().items():  # the ephemeral server started offline keeps quiet too
+        os.environ.setdefault(key, value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import QUIET
 from flows.build import BuildFailed, build_engine_flow
 from indicf5.parity import ParityConfig
 from indicf5.settings import Settings
@@ -199,17 +200,37 @@ def test_compiled_engine_builds_on_cpu_and_passes_its_parity_gate(home, prefect_
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="tensorrt_llm is installed here")
-def test_without_tensorrt_llm_the_trtllm_branch_fails_with_the_remediation_and_eager_registers(home, prefect_api):
-    summary = build(synthetic=True, backends=["trtllm", "eager"], dtypes=["fp16"])
-    by_name = {f"{b.backend}-{b.dtype}": b for b in summary.branches}
-    error = by_name["trtllm-fp16"].error
-    assert "TensorRT-LLM" in error and "pip install" in error and "Traceback" not in error
-    assert by_name["eager-fp16"].error is None and by_name["eager-fp16"].engine
-    assert summary.failed and summary.stages["trtllm-fp16/convert_checkpoint"] == "Failed"
+def test_without_tensorrt_llm_the_trtllm_branch_fails_with_the_remediation_and_the_cli_reads_clean(home, tmp_path):
+    # a fresh workspace and a fresh ephemeral Prefect database, with only the command's own quiet settings
+    env = {k: v for k, v in os.environ.items() if k not in QUIET} | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    done = cli_build("--backend", "trtllm", "--backend", "eager", env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    failed = next(line for line in done.stdout.splitlines() if "trtllm" in line and "FAILED" in line)
+    # the stage and the remediation, the branch's label not repeated
+    assert "FAILED check_environment: the trtllm backend needs TensorRT-LLM" in failed and "pip install" in failed
+    assert "trtllm-fp32/" not in output
+    for noise in ("Traceback", "NoneType: None", "database is locked", "telemetry"):
+        assert noise not in output, f"{noise!r} in the build's output:\n{output[-6000:]}"
+    run_id = done.stdout.split("MLflow run ")[1].split()[0]
     client = MlflowClient(Settings().tracking_uri)
-    children = client.search_runs([client.get_run(summary.mlflow_run_id).info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}'")
-    assert [r.data.tags["indicf5.backend"] for r in children] == ["eager"]
+    build = client.get_run(run_id)
+    assert build.info.status == "FAILED" and "trtllm-fp32: check_environment:" in build.data.tags["indicf5.error"]
+    children = client.search_runs([build.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    assert [r.data.tags["indicf5.backend"] for r in children] == ["eager"]  # the other branch registered
+
+
+def test_offline_the_watch_fails_once_saying_the_hub_is_unreachable(hub, home, prefect_api, caplog):
+    from flows.watch import watch_revisions_flow
+
+    hub.failures = [503] * 4  # the first attempt and its three retries
+    try:
+        state = watch_revisions_flow(return_state=True)
+    finally:
+        hub.failures = []
+    assert state.is_failed() and state.message.startswith("hub unreachable: "), state
+    assert "Retries are exhausted" in caplog.text  # the run's log lines, as formatted with any traceback
+    assert caplog.text.count("hub unreachable") == 1 and "Traceback" not in caplog.text, caplog.text[-4000:]
 
 
 def test_long_stages_log_at_a_steady_cadence(prefect_api):

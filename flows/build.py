@@ -32,6 +32,7 @@ from tasks.build import build_engine
 from tasks.convert import convert_checkpoint
 from tasks.download import download_snapshot
 from tasks.environment import check_environment
+from tasks.progress import PROGRESS_KEY
 from tasks.export import export_transformer
 from tasks.register import end_build_run, publish_summary, register, start_build_run
 from tasks.resolve import prepare_synthetic, resolve_revision
@@ -58,18 +59,22 @@ class BuildFailed(Exception):
 
 class Stages:
     """Runs the flow's tasks, noting each final state (Completed / Cached / Failed) for the summary,
-    and shows the build's progress in the UI as a progress artifact."""
+    and shows the build's progress in the UI as a progress artifact (stages finished; during parity
+    and benchmark stages, the length and repeat they are at: tasks/progress.py)."""
 
     def __init__(self, total: int):
         self.states: dict[str, str] = {}
         self.total = total
-        self.progress = create_progress_artifact(0.0, key="build-progress", description="stages finished, of all planned")
+        self.progress = create_progress_artifact(0.0, key=PROGRESS_KEY, description=self.description())
+
+    def description(self) -> str:
+        return f"{len(self.states)} of {self.total} stages finished"
 
     def run(self, task, label: str, *args, **kwargs) -> Any:
         """The task's value; StageFailed, naming the stage, when it fails."""
         state = task(*args, return_state=True, **kwargs)
         self.states[label] = state.name
-        update_progress_artifact(self.progress, min(100.0, 100.0 * len(self.states) / self.total))
+        update_progress_artifact(self.progress, min(100.0, 100.0 * len(self.states) / self.total), self.description())
         if state.is_failed():
             error = state.result(raise_on_failure=False)
             raise StageFailed(label, error if isinstance(error, BaseException) else RuntimeError(state.message))
@@ -155,7 +160,7 @@ def _build(mlflow_run: str, repo_id: str, revision: str, checkpoint: str | None,
 
     failures = {f"{b.backend}-{b.dtype}": b.error for b in branches if b.error}
     run_id = stages.run(register, "register", mlflow_run, source, environment, snapshot, export, records, failures, nfe)
-    update_progress_artifact(stages.progress, 100.0)
+    update_progress_artifact(stages.progress, 100.0, stages.description())
     settings = Settings()
     return BuildSummary(source=source, stages=stages.states, branches=branches, mlflow_run_id=run_id,
                         tracking_uri=settings.tracking_uri, mlflow_run_url=run_url(settings, run_id))

@@ -49,8 +49,9 @@ class Stack:
         if ready_url:
             raise TimeoutError(f"{name} not ready:\n{(self.root / f'{name}.log').read_text()[-3000:]}")
 
-    def cli(self, *args: str) -> str:
-        done = subprocess.run([str(BIN / "prefect"), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run([str(BIN / "prefect"), *args], env=env or self.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
@@ -84,7 +85,8 @@ def start_stack(root: Path, extra_env: dict[str, str]) -> Stack:
                                       "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1"],
                     f"{stack.mlflow_url}/health")
         stack.cli("work-pool", "create", "gpu-builders", "--type", "process", "--overwrite")
-        stack.cli("--no-prompt", "deploy", "--all")
+        # deployed from a shell without INDICF5_REPO: the worker, which has it, reads it when a run starts
+        stack.cli("--no-prompt", "deploy", "--all", env={k: v for k, v in env.items() if k != "INDICF5_REPO"})
         stack.start("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "gpu-builders", "--limit", "3"])
     except BaseException:
         stack.stop()

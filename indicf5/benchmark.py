@@ -93,7 +93,8 @@ def benchmark_engine(engine: FlowModel, vocoder: torch.nn.Module, dtype: DType, 
         e2e = _timed(end_to_end, device, w, r, f"{at}: end to end")
         audio_seconds = (n - ref_frames) * mel.hop_length / mel.sample_rate
         results.append(LengthResult(
-            frames=n, audio_seconds=audio_seconds, step=_timed(lambda: velocity(x.to(torch_dtype), t), device, w, r, f"{at}: step"),
+            frames=n, audio_seconds=audio_seconds,
+            step=_timed(lambda: velocity(x.to(torch_dtype), t), device, w, r, f"{at}: step"),
             loop=_timed(run_loop, device, w, r, f"{at}: loop"), vocoder=_timed(vocode, device, w, r, f"{at}: vocoder"),
             end_to_end=e2e,
             rtf=e2e.p50_ms / 1e3 / audio_seconds))

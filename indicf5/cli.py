@@ -185,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="HTTP text-to-speech server over a built engine (FastAPI; docs at /docs)")
     s.add_argument("--engine", default="champion",
-                   help="engine directory, MLflow engine run id, or alias of the registered model (default champion)")
+                   help="engine directory, MLflow engine run id, alias of the registered model (default champion), "
+                        "or MLflow model URI (models:/..., runs:/...); one not on this machine is downloaded")
     s.add_argument("--backend", help="eager (the PyTorch path), compiled or trtllm; default the engine's own (env TTS_BACKEND)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)

@@ -81,14 +81,17 @@ def _result(client: MlflowClient, run: Run) -> EngineResult:
     return EngineResult(backend=tags[f"{TAG}backend"], dtype=tags[f"{TAG}dtype"], run_id=run.info.run_id,
                         model_version=tags.get(f"{TAG}model_version"),
                         parity_rel_l2=m.get("parity_worst_rel_l2", float("nan")), engine_bytes=int(m.get("engine_bytes", 0)),
-                        build_seconds=m.get("build_seconds", 0.0), p50_ms=_by_length(client, run.info.run_id, "end_to_end_p50_ms"),
+                        build_seconds=m.get("build_seconds", 0.0),
+                        p50_ms=_by_length(client, run.info.run_id, "end_to_end_p50_ms"),
                         p95_ms=_by_length(client, run.info.run_id, "end_to_end_p95_ms"))
 
 
 def newest_sha(settings: Settings, repo_id: str | None = None) -> str:
     """The sha of the newest registered build (of `repo_id`, or of any source)."""
     experiment = use_tracking(settings)
-    query = f"tags.`{TAG}kind` = 'build' and {REGISTERED}" + (f" and tags.`{TAG}repo_id` = '{repo_id}'" if repo_id else "")
+    query = f"tags.`{TAG}kind` = 'build' and {REGISTERED}"
+    if repo_id:
+        query += f" and tags.`{TAG}repo_id` = '{repo_id}'"
     runs = MlflowClient().search_runs([experiment], query, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise InputError(f"no build{' of ' + repo_id if repo_id else ''} is registered in MLflow ({settings.tracking_uri}): "

@@ -64,7 +64,8 @@ class EngineModel(PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.synth = Synthesizer.from_engine(context.artifacts[ENGINE_ARTIFACT], device=device)
 
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
+                params: dict | None = None) -> pd.DataFrame:
         sampling = SamplingConfig(**(params or {}))  # MLflow fills in the signature's defaults
         audio = []
         with tempfile.TemporaryDirectory() as tmp:

@@ -97,7 +97,8 @@ def start_build(settings: Settings, started: float, flow_run_id: str | None, flo
     if flow_run_url:
         tags[f"{TAG}prefect_flow_run_url"] = flow_run_url
         tags["mlflow.note.content"] = f"Prefect flow run: [{flow_run_id}]({flow_run_url})"
-    return MlflowClient().create_run(experiment, start_time=int(started * 1000), tags=tags, run_name="build").info.run_id
+    run = MlflowClient().create_run(experiment, start_time=int(started * 1000), tags=tags, run_name="build")
+    return run.info.run_id
 
 
 def end_build(settings: Settings, run_id: str, registered: str | None, error: str | None) -> None:
@@ -159,17 +160,20 @@ def _branch_metrics(b: BranchRecord) -> list[Metric]:
     metrics = [Metric(k, float(v), now, 0) for k, v in flat.items()]
     for n, outputs in parity.errors.items():
         for name, e in outputs.items():
-            metrics += [Metric(f"parity_{name}_rel_l2", e.rel_l2, now, int(n)), Metric(f"parity_{name}_max_abs", e.max_abs, now, int(n))]
+            metrics += [Metric(f"parity_{name}_rel_l2", e.rel_l2, now, int(n)),
+                        Metric(f"parity_{name}_max_abs", e.max_abs, now, int(n))]
     for r in bench.results:
         for part in ("step", "loop", "vocoder", "end_to_end"):
             timing = getattr(r, part)
-            metrics += [Metric(f"{part}_p50_ms", timing.p50_ms, now, r.frames), Metric(f"{part}_p95_ms", timing.p95_ms, now, r.frames)]
+            metrics += [Metric(f"{part}_p50_ms", timing.p50_ms, now, r.frames),
+                        Metric(f"{part}_p95_ms", timing.p95_ms, now, r.frames)]
         metrics.append(Metric("rtf", r.rtf, now, r.frames))
     return metrics
 
 
-def register_build(settings: Settings, run_id: str, source: SourceRef, environment: EnvironmentReport, download: Manifest,
-                   export: Manifest, branches: list[BranchRecord], failures: dict[str, str], nfe: int) -> str:
+def register_build(settings: Settings, run_id: str, source: SourceRef, environment: EnvironmentReport,
+                   download: Manifest, export: Manifest, branches: list[BranchRecord], failures: dict[str, str],
+                   nfe: int) -> str:
     """The build's facts on its run `run_id` and a nested run per engine; returns the run that records
     the build: `run_id`, or the run of the same build (same key) when MLflow already holds one."""
     key = build_key(source, download, export, branches)
@@ -192,11 +196,11 @@ def register_build(settings: Settings, run_id: str, source: SourceRef, environme
         client.log_dict(run_id, m.model_dump(), f"manifests/{m.stage}_manifest.json")
     for b in branches:
         spec = b.engine.info["spec"]
-        with mlflow.start_run(experiment_id=experiment, run_name=f"{b.backend}-{b.dtype}", nested=True, parent_run_id=run_id,
-                              tags={**common_tags, f"{TAG}kind": "engine", f"{TAG}backend": b.backend,
-                                    f"{TAG}dtype": b.dtype, f"{TAG}parity_passed": "true",
-                                    f"{TAG}engine_path": b.engine.path, f"{TAG}engine_content": engine_content(b.engine),
-                                    "mlflow.source.name": SOURCE_NAME}) as engine_run:
+        tags = {**common_tags, f"{TAG}kind": "engine", f"{TAG}backend": b.backend, f"{TAG}dtype": b.dtype,
+                f"{TAG}parity_passed": "true", f"{TAG}engine_path": b.engine.path,
+                f"{TAG}engine_content": engine_content(b.engine), "mlflow.source.name": SOURCE_NAME}
+        with mlflow.start_run(experiment_id=experiment, run_name=f"{b.backend}-{b.dtype}", nested=True,
+                              parent_run_id=run_id, tags=tags) as engine_run:
             mlflow.log_params({"repo_id": source.repo_id, "sha": source.sha, "backend": b.backend, "dtype": b.dtype,
                                "nfe": nfe, "device": environment.device, **environment.versions(),
                                **_flat("flag.", spec["build_flags"])})
@@ -206,7 +210,8 @@ def register_build(settings: Settings, run_id: str, source: SourceRef, environme
             for m, name in ((b.verify, "parity.json"), (b.benchmark, "benchmark.json"), (b.benchmark, "sample.wav"),
                             (b.benchmark, "mel.png"), (b.benchmark, "latency.png")):
                 mlflow.log_artifact(str(m.file(name)), "results")
-            register_engine(engine_run.info.run_id, b.engine, {"backend": b.backend, "dtype": b.dtype, "sha": source.sha})
+            register_engine(engine_run.info.run_id, b.engine,
+                            {"backend": b.backend, "dtype": b.dtype, "sha": source.sha})
     client.set_tag(run_id, f"{TAG}build_key", key)  # last: the build is registered once its engines are
     return run_id
 
@@ -234,8 +239,8 @@ def register_engine(run_id: str, engine: Manifest, tags: dict[str, str]) -> str:
         version = min(same, key=lambda v: int(v.version))
     else:
         model = log_engine_model(Path(engine.path), engine.info["spec"]["backend"], package_version())
-        version = client.create_model_version(REGISTERED_MODEL, source=model.model_uri, run_id=run_id, model_id=model.model_id,
-                                              tags={**tags, f"{TAG}engine_content": content})
+        version = client.create_model_version(REGISTERED_MODEL, source=model.model_uri, run_id=run_id,
+                                              model_id=model.model_id, tags={**tags, f"{TAG}engine_content": content})
     client.set_tag(run_id, f"{TAG}model_version", str(version.version))
     client.set_tag(run_id, f"{TAG}model_uri", version.source)
     return str(version.version)
@@ -255,7 +260,8 @@ def _engine_run(client: MlflowClient, ref: str) -> Run:
             run = client.get_run(client.get_model_version_by_alias(REGISTERED_MODEL, ref).run_id)
         except MlflowException:
             raise InputError(f"{ref!r} is neither an engine directory, nor an MLflow engine run id, nor an alias of "
-                             f"the registered model {REGISTERED_MODEL}, nor a models:/ or runs:/ URI: give one of those (indicf5 compare sets 'champion')") from None
+                             f"the registered model {REGISTERED_MODEL}, nor a models:/ or runs:/ URI: give one of "
+                             "those (indicf5 compare sets 'champion')") from None
     if run.data.tags.get(f"{TAG}kind") != "engine":
         raise InputError(f"MLflow run {run.info.run_id} is not an engine run (kind {run.data.tags.get(f'{TAG}kind')}): "
                          "give the run of one engine (backend-dtype) of a build")

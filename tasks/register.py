@@ -16,7 +16,8 @@ from tasks.common import content_cache_key
 
 @task(name="start_build_run")
 def start_build_run(started: float) -> str:
-    """The build's MLflow run, open from the flow's start (`started`, epoch seconds), linked to this Prefect flow run."""
+    """The build's MLflow run, open from the flow's start (`started`, epoch seconds), linked to this
+    Prefect flow run."""
     return tracking.start_build(Settings(), started, flow_run.id, flow_run.ui_url)
 
 
@@ -30,7 +31,8 @@ def _build_key(params) -> str:
 def register(mlflow_run: str, source: SourceRef, environment: EnvironmentReport, download: Manifest, export: Manifest,
              branches: list[BranchRecord], failures: dict[str, str], nfe: int) -> str:
     """The build's facts on its MLflow run, a nested run and a model version per engine that passed parity."""
-    return tracking.register_build(Settings(), mlflow_run, source, environment, download, export, branches, failures, nfe)
+    return tracking.register_build(Settings(), mlflow_run, source, environment, download, export, branches, failures,
+                                   nfe)
 
 
 @task(name="end_build_run")

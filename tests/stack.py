@@ -50,8 +50,8 @@ class Stack:
             raise TimeoutError(f"{name} not ready:\n{(self.root / f'{name}.log').read_text()[-3000:]}")
 
     def cli(self, *args: str, env: dict[str, str] | None = None) -> str:
-        done = subprocess.run([str(BIN / "prefect"), *args], env=env or self.env, cwd=REPO, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run([str(BIN / "prefect"), *args], env=env or self.env, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
@@ -77,7 +77,8 @@ def start_stack(root: Path, extra_env: dict[str, str]) -> Stack:
     stack = Stack(root, env, f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}")
     try:
         # as `make prefect-server` starts it: the UI told where its API is (the port is not Prefect's default)
-        server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_UI_API_URL": stack.prefect_api}
+        server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+        server_env["PREFECT_UI_API_URL"] = stack.prefect_api
         stack.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                     f"{stack.prefect_api}/health", env=server_env)
         stack.start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),

@@ -141,7 +141,8 @@ def test_mlflow_records_the_build_and_no_secret_leaks(home, hub, prefect_api, mo
     parent = client.get_run(summary.mlflow_run_id)
     assert parent.data.params["sha"] == sha and parent.data.tags["indicf5.sha"] == sha
     assert {"download_seconds", "export_seconds", "parameters"} <= set(parent.data.metrics)
-    assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.source.name"] == "flows/build.py:build_engine_flow"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.source.name"] == "flows/build.py:build_engine_flow"
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
     from prefect.client.orchestration import get_client
 

@@ -139,7 +139,8 @@ def test_compare_with_its_defaults_tables_the_newest_build_and_crowns_the_fastes
     assert alias["version"] == tags(engines[fastest])["indicf5.model_version"]
     comparison = mlflow_runs(stack, f"tags.`indicf5.sha` = '{sha}' and tags.`indicf5.kind` = 'comparison'")[0]
     files = httpx.get(f"{stack.mlflow_url}/api/2.0/mlflow/artifacts/list", params={"run_id": comparison["info"]["run_id"]}).json()
-    assert {"comparison.png", "comparison.md", "comparison.json", "comparison_table.json"} <= {f["path"] for f in files["files"]}
+    logged = {f["path"] for f in files["files"]}
+    assert {"comparison.png", "comparison.md", "comparison.json", "comparison_table.json"} <= logged
     with api(stack), get_client(sync_client=True) as client:
         table = client.read_latest_artifacts()  # latest version of every key
     table = next(a for a in table if a.key == "engine-comparison")
@@ -186,7 +187,8 @@ def test_the_champion_is_an_mlflow_model_that_speaks_as_indicf5_synth(stack, tmp
     ref.write_bytes(decode_audio(example["ref_audio"][0]))
     champion = httpx.get(f"{stack.mlflow_url}/api/2.0/mlflow/registered-models/alias",
                          params={"name": "indicf5-engine", "alias": "champion"}).json()["model_version"]
-    engine = tags(httpx.get(f"{stack.mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": champion["run_id"]}).json()["run"])
+    run = httpx.get(f"{stack.mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": champion["run_id"]}).json()["run"]
+    engine = tags(run)
     out = tmp_path / "synth.wav"
     subprocess.run([sys.executable, "-m", "indicf5.cli", "synth", "--engine", engine["indicf5.engine_path"],
                     "--text", example["text"][0], "--ref-audio", str(ref), "--ref-text", example["ref_text"][0],
@@ -203,7 +205,8 @@ def test_serve_fetches_the_champion_from_mlflow_when_the_builders_store_is_gone(
     env = {**QUIET, "INDICF5_HOME": str(home), "MLFLOW_TRACKING_URI": stack.mlflow_url}
     with ServerProcess("champion", tmp_path / "serve.log", env=env, ready_timeout_s=300) as server:
         with ref.open("rb") as f:
-            r = httpx.post(f"{server.url}/v1/synthesize", data={"text": "नमस्ते", "ref_text": REF_TEXT, "seed": "1"},
+            form = {"text": "नमस्ते", "ref_text": REF_TEXT, "seed": "1"}
+            r = httpx.post(f"{server.url}/v1/synthesize", data=form,
                            files={"ref_audio": ("ref.wav", f, "audio/wav")}, timeout=300)
     assert r.status_code == 200 and r.headers["content-type"] == "audio/wav" and len(r.content) > 1000
     assert list(home.glob("models/*/artifacts/engine/engine.json"))  # downloaded into the server's workspace

@@ -32,8 +32,8 @@ from tasks.build import build_engine
 from tasks.convert import convert_checkpoint
 from tasks.download import download_snapshot
 from tasks.environment import check_environment
-from tasks.progress import PROGRESS_KEY
 from tasks.export import export_transformer
+from tasks.progress import PROGRESS_KEY
 from tasks.register import end_build_run, publish_summary, register, start_build_run
 from tasks.resolve import prepare_synthetic, resolve_revision
 from tasks.verify import verify_parity

@@ -266,9 +266,10 @@ def test_compare_from_the_command_line_crowns_the_fastest_engine(home, prefect_a
 
     assert main(["compare"]) == 2 and "no build" in capsys.readouterr().err  # nothing registered yet
     summary = build(synthetic=True, dtypes=["fp32", "fp16"])
-    assert main(["compare", "--revision", summary.source.sha]) == 0
+    assert main(["compare"]) == 0  # its defaults: the newest build, here of the synthetic snapshot (a local path)
     out = capsys.readouterr().out
-    assert "| eager-fp32 |" in out and "| eager-fp16 |" in out and "speedup @120" in out
+    assert f"@ `{summary.source.sha[:12]}`" in out
+    assert out.count("| eager-fp32 |") == 1 and out.count("| eager-fp16 |") == 1 and "speedup @120" in out  # once
     champion = MlflowClient(Settings().tracking_uri).get_model_version_by_alias(REGISTERED_MODEL, "champion")
     fastest = min(summary.branches, key=lambda b: b.e2e_p50_ms["120"])
     assert f"Champion: **{fastest.backend}-{fastest.dtype}**" in out

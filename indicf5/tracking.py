@@ -32,7 +32,7 @@ from indicf5.hub import SourceRef
 from indicf5.mlflow_model import PACKAGE, engine_dir_of, log_engine_model
 from indicf5.parity import ParityReport
 from indicf5.settings import Settings
-from indicf5.store import Manifest, atomic_dir, stable_hash
+from indicf5.store import Manifest, publish_dir, stable_hash, temp_dir_beside
 
 TAG = "indicf5."
 REGISTERED_MODEL = "indicf5-engine"
@@ -309,12 +309,14 @@ def fetch_engine(settings: Settings, uri: str) -> Path:
     try:
         model_uri = _immutable_uri(client, uri)
         cache = settings.store_root / "models" / stable_hash(model_uri)[:32]
-        if not (engine_dir_of(cache) / "engine.json").is_file():
-            with atomic_dir(cache, replace=True) as tmp:
-                mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
+        if (cache / "engine.json").is_file():
+            return cache
+        with temp_dir_beside(cache) as tmp:
+            engine = engine_dir_of(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))))
+            if not (engine / "engine.json").is_file():
+                raise InputError(f"{uri} is not an engine model (no {engine_dir_of(Path())}/engine.json in it): "
+                                 f"give a version of {REGISTERED_MODEL} or an engine run's model")
+            publish_dir(engine, cache)
     except MlflowException as e:
         raise InputError(f"cannot fetch the engine {uri} from MLflow ({settings.tracking_uri}): {e.message}") from None
-    if not (engine_dir_of(cache) / "engine.json").is_file():
-        raise InputError(f"{uri} is not an engine model (no {engine_dir_of(Path())}/engine.json in it): "
-                         f"give a version of {REGISTERED_MODEL} or an engine run's model")
-    return engine_dir_of(cache)
+    return cache

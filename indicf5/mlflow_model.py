@@ -22,7 +22,8 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.models import ModelSignature
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -100,6 +101,12 @@ def log_engine_model(engine_dir: Path, backend: str, version: str) -> ModelInfo:
                                    pip_requirements=pip_requirements(backend, version))
 
 
-def engine_dir_of(model_dir: Path) -> Path:
-    """The engine directory inside a downloaded model (pyfunc keeps artifacts under artifacts/<name>)."""
-    return model_dir / "artifacts" / ENGINE_ARTIFACT
+def engine_dir_of(model_dir: Path) -> Path | None:
+    """The engine directory inside a downloaded model, where its MLmodel puts the artifact (pyfunc
+    keeps it under artifacts/, by the logged directory's name); None when it is no engine model."""
+    try:
+        artifacts = Model.load(str(model_dir)).flavors["python_function"]["artifacts"]
+        engine = model_dir / artifacts[ENGINE_ARTIFACT]["path"]
+    except (MlflowException, OSError, KeyError):
+        return None
+    return engine if (engine / "engine.json").is_file() else None

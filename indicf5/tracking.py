@@ -29,7 +29,7 @@ from indicf5.benchmark import BenchmarkReport
 from indicf5.environment import EnvironmentReport
 from indicf5.errors import InputError
 from indicf5.hub import SourceRef
-from indicf5.mlflow_model import PACKAGE, engine_dir_of, log_engine_model
+from indicf5.mlflow_model import ENGINE_ARTIFACT, PACKAGE, engine_dir_of, log_engine_model
 from indicf5.parity import ParityReport
 from indicf5.settings import Settings
 from indicf5.store import Manifest, publish_dir, stable_hash, temp_dir_beside
@@ -312,10 +312,10 @@ def fetch_engine(settings: Settings, uri: str) -> Path:
         if (cache / "engine.json").is_file():
             return cache
         with temp_dir_beside(cache) as tmp:
-            engine = engine_dir_of(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))))
-            if not (engine / "engine.json").is_file():
-                raise InputError(f"{uri} is not an engine model (no {engine_dir_of(Path())}/engine.json in it): "
-                                 f"give a version of {REGISTERED_MODEL} or an engine run's model")
+            model = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp)))
+            if (engine := engine_dir_of(model)) is None:
+                raise InputError(f"{uri} is not an engine model (no pyfunc artifact '{ENGINE_ARTIFACT}' with an "
+                                 f"engine.json): give a version of {REGISTERED_MODEL} or an engine run's model")
             publish_dir(engine, cache)
     except MlflowException as e:
         raise InputError(f"cannot fetch the engine {uri} from MLflow ({settings.tracking_uri}): {e.message}") from None

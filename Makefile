@@ -14,14 +14,21 @@ ORACLE := f5-tts==1.1.22 x-transformers==2.31.10 einx==0.4.3 einops loguru torch
 # Run it for real (README): the servers, and a worker that deploys prefect.yaml and runs builds.
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
+# MLflow's default of 4 workers is too many on a small machine (a child died on start on 2 cores)
+MLFLOW_WORKERS ?= 1
 STACK ?= $(CURDIR)/.stack
-QUIET := set -a && . ops/quiet.env && set +a
+QUIET := set -a && . indicf5/quiet.env && set +a
+# the UI in the browser calls the API at this address: without it, it calls port 4200 whatever PREFECT_PORT is
+UI_ENV := PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
 CLIENT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) \
               INDICF5_REPO=$(CURDIR)
 
 .PHONY: demo test clean prefect-server mlflow-server worker
 
+# Every target below reinstalls .venv when pyproject.toml is newer than the last install, and says so.
 $(VENV)/.runtime: pyproject.toml
+	@if [ -e $@ ]; then echo "pyproject.toml changed since $(VENV) was installed: reinstalling $(VENV)"; \
+	 else echo "creating $(VENV)"; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -e ".[dev]"
@@ -44,11 +51,11 @@ test: $(VENV)/.oracle $(VENV)/.chromium
 	$(PY) -m pytest
 
 prefect-server: $(VENV)/.runtime
-	$(QUIET) && $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	$(QUIET) && export $(UI_ENV) && $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 mlflow-server: $(VENV)/.runtime
 	mkdir -p $(STACK)
-	$(QUIET) && $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	$(QUIET) && $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
 	    --backend-store-uri sqlite:///$(STACK)/mlflow.db --artifacts-destination $(STACK)/mlartifacts
 
 worker: $(VENV)/.runtime

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from indicf5.compare import Comparison
-from indicf5.hub import DEFAULT_REPO
 from tasks.compare import compare_engines, record_comparison
 
 
-@flow(name="compare-engines", log_prints=True)
-def compare_engines_flow(repo_id: str | None = DEFAULT_REPO, revision: str | None = None) -> Comparison:
+@flow(name="compare-engines")
+def compare_engines_flow(repo_id: str | None = None, revision: str | None = None) -> Comparison:
     """Compare the engines built from one revision and crown the fastest that passed parity.
 
     Args:
@@ -18,5 +17,6 @@ def compare_engines_flow(repo_id: str | None = DEFAULT_REPO, revision: str | Non
         revision: Commit sha of the builds to compare.
     """
     comparison = record_comparison(compare_engines(repo_id, revision))
-    print(comparison.markdown())
+    get_run_logger().info("champion %s (model version %s); the table is the artifact engine-comparison, MLflow run %s",
+                          comparison.champion, comparison.champion_version, comparison.run_id)
     return comparison

@@ -5,7 +5,8 @@
                            └─ else run_deployment(build-engine, revision=sha)   (idempotent per sha)
 
 The build is always of the sha this run resolved, never of the branch name, so a branch that
-moves again mid-build cannot change what is built. Hub errors retry, then fail this run.
+moves again mid-build cannot change what is built. Hub errors retry, then fail this run with one
+line ("hub unreachable: ..."); offline, the hourly schedule fails every hour until the hub is back.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 from pydantic import BaseModel
 
-from indicf5.hub import DEFAULT_REPO
+from indicf5.hub import DEFAULT_REPO, HubAccessError, TransientHubError
 from tasks.resolve import resolve_revision
 from tasks.watch import active_builds, registered_build, trigger_build
 
@@ -42,7 +43,15 @@ def watch_revisions_flow(repo_id: str = DEFAULT_REPO, branch: str = "main", buil
         build_deployment: The build deployment to trigger, as flow-name/deployment-name.
         build_parameters: Parameters for the build besides repo_id and revision (backends, dtypes, ...).
     """
-    sha = resolve_revision(repo_id, branch).sha
+    resolved = resolve_revision(repo_id, branch, return_state=True)
+    if resolved.is_failed():  # after its retries: one line saying why, no traceback
+        error = resolved.result(raise_on_failure=False)
+        if isinstance(error, TransientHubError):
+            return Failed(message=f"hub unreachable: {error}")
+        if isinstance(error, HubAccessError):
+            return Failed(message=str(error))
+        raise error
+    sha = resolved.result().sha
     if (run_id := registered_build(repo_id, sha)) is not None:
         result = WatchResult(repo_id=repo_id, branch=branch, sha=sha, action="built", detail=f"MLflow run {run_id}")
     elif active := active_builds(build_deployment, sha):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from indicf5 import progress
 from indicf5.config import TORCH_DTYPES, DType, MelConfig, Schedule
 from indicf5.parity import seeded_inputs
 from indicf5.sampler import FlowModel, GuidedVelocity, sample, state_dtype
@@ -56,12 +57,14 @@ class BenchmarkReport(BaseModel):
     peak_memory_kind: str  # "cuda_allocated" or "process_rss"
 
 
-def _timed(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> Timing:
+def _timed(fn: Callable[[], object], device: str, warmup: int, repeats: int, what: str) -> Timing:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    progress.report(f"{what}, warm-up")
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeats):
+    for i in range(repeats):
+        progress.report(f"{what}, repeat {i + 1} of {repeats}")
         sync()
         start = time.perf_counter()
         fn()
@@ -77,7 +80,8 @@ def benchmark_engine(engine: FlowModel, vocoder: torch.nn.Module, dtype: DType, 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     results = []
-    for n in config.lengths:
+    for i, n in enumerate(config.lengths):
+        at = f"length {n} ({i + 1} of {len(config.lengths)})"
         cond, text, x = (t.to(device) for t in seeded_inputs(n, vocab_size, mel.n_mels, config.seed))
         ref_frames = cond.shape[1]
         full_cond = torch.nn.functional.pad(cond, (0, 0, 0, n - ref_frames)).to(torch_dtype)
@@ -89,11 +93,13 @@ def benchmark_engine(engine: FlowModel, vocoder: torch.nn.Module, dtype: DType, 
         vocode = lambda: decode(vocoder, generated)  # noqa: E731
         end_to_end = lambda: decode(vocoder, run_loop()[:, ref_frames:].transpose(1, 2))  # noqa: E731
         w, r = config.warmup, config.repeats
-        e2e = _timed(end_to_end, device, w, r)
+        e2e = _timed(end_to_end, device, w, r, f"{at}: end to end")
         audio_seconds = (n - ref_frames) * mel.hop_length / mel.sample_rate
         results.append(LengthResult(
-            frames=n, audio_seconds=audio_seconds, step=_timed(lambda: velocity(x.to(torch_dtype), t), device, w, r),
-            loop=_timed(run_loop, device, w, r), vocoder=_timed(vocode, device, w, r), end_to_end=e2e,
+            frames=n, audio_seconds=audio_seconds,
+            step=_timed(lambda: velocity(x.to(torch_dtype), t), device, w, r, f"{at}: step"),
+            loop=_timed(run_loop, device, w, r, f"{at}: loop"), vocoder=_timed(vocode, device, w, r, f"{at}: vocoder"),
+            end_to_end=e2e,
             rtf=e2e.p50_ms / 1e3 / audio_seconds))
     if device.startswith("cuda"):
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"

@@ -284,7 +284,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="HTTP text-to-speech server over a built engine (FastAPI; docs at /docs)")
     s.add_argument("--engine", default="champion",
-                   help="engine directory, MLflow engine run id, or alias of the registered model (default champion)")
+                   help="engine directory, MLflow engine run id, alias of the registered model (default champion), "
+                        "or MLflow model URI (models:/..., runs:/...); one not on this machine is downloaded")
     s.add_argument("--backend", help="eager (the PyTorch path), compiled or trtllm; default the engine's own (env TTS_BACKEND)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -294,6 +295,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, help="queued requests before answering 429 (default 64)")
     s.set_defaults(run=_serve)
     return p
+
+
+QUIET_ENV = Path(__file__).with_name("quiet.env")  # no telemetry, analytics or promotional calls
+
+
+def quiet_settings() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in QUIET_ENV.read_text().splitlines() if line and not line.startswith("#"))
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
@@ -340,10 +348,12 @@ def start_prefect_api() -> None:
 
 
 def use_prefect_defaults() -> None:
-    """Settings Prefect reads when first imported; a user's own environment wins."""
+    """Settings Prefect and MLflow read when first imported; a user's own environment wins."""
     # Without PREFECT_API_URL a build runs on Prefect's ephemeral API, which migrates a new database on its
     # first start: 19-25 s on a 2-core machine, past Prefect's default 20 s wait, and the build then fails.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    for key, value in quiet_settings().items():  # the ephemeral server started offline keeps quiet too
+        os.environ.setdefault(key, value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import math
 import torch
 from pydantic import BaseModel, Field
 
+from indicf5 import progress
 from indicf5.config import TORCH_DTYPES, DType, Schedule
 from indicf5.sampler import FlowModel, GuidedVelocity, sample, state_dtype
 
@@ -71,7 +72,8 @@ def check_parity(reference: FlowModel, engine: FlowModel, dtype: DType, vocab_si
                  config: ParityConfig = ParityConfig(), n_mels: int = 100) -> ParityReport:
     errors = {}
     state = state_dtype(engine, TORCH_DTYPES[dtype])
-    for n in config.lengths:
+    for i, n in enumerate(config.lengths):
+        progress.report(f"length {n} ({i + 1} of {len(config.lengths)})")
         cond, text, x = (t.to(device) for t in seeded_inputs(n, vocab_size, n_mels, config.seed))
         full_cond = torch.nn.functional.pad(cond, (0, 0, 0, n - cond.shape[1]))
         t = torch.tensor(0.5, device=device)

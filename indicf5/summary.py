@@ -22,6 +22,7 @@ class BuildSummary(BaseModel):
     branches: list[BranchSummary]
     mlflow_run_id: str | None = None
     tracking_uri: str
+    mlflow_run_url: str | None = None  # the run's page, when MLflow is a server
 
     @property
     def failed(self) -> list[BranchSummary]:
@@ -29,8 +30,9 @@ class BuildSummary(BaseModel):
 
     def markdown(self) -> str:
         s = self.source
+        run = f"[`{self.mlflow_run_id}`]({self.mlflow_run_url})" if self.mlflow_run_url else f"`{self.mlflow_run_id}`"
         lines = [f"# IndicF5 build: `{s.repo_id}` @ `{s.sha[:12]}`", "",
-                 f"MLflow parent run: `{self.mlflow_run_id}` ({self.tracking_uri})", "",
+                 f"MLflow run: {run} ({self.tracking_uri})", "",
                  "| backend | dtype | parity relL2 | end-to-end p50 (ms) by frames | engine / error |",
                  "| --- | --- | --- | --- | --- |"]
         for b in self.branches:

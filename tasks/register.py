@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from indicf5 import tracking
 from indicf5.environment import EnvironmentReport
@@ -13,21 +14,35 @@ from indicf5.tracking import BranchRecord
 from tasks.common import content_cache_key
 
 
+@task(name="start_build_run")
+def start_build_run(started: float) -> str:
+    """The build's MLflow run, open from the flow's start (`started`, epoch seconds), linked to this
+    Prefect flow run."""
+    return tracking.start_build(Settings(), started, flow_run.id, flow_run.ui_url)
+
+
 def _build_key(params) -> str:
     return tracking.build_key(params["source"], params["download"], params["export"], params["branches"])
 
 
-# cached while MLflow still holds the build's parent run
+# cached while MLflow still holds the build's run
 @task(name="register", persist_result=True,
       cache_key_fn=content_cache_key("register", _build_key, lambda p: tracking.find_build(Settings(), _build_key(p)) is not None))
-def register(source: SourceRef, environment: EnvironmentReport, download: Manifest, export: Manifest,
+def register(mlflow_run: str, source: SourceRef, environment: EnvironmentReport, download: Manifest, export: Manifest,
              branches: list[BranchRecord], failures: dict[str, str], nfe: int) -> str:
-    """An MLflow parent run for the build and a nested run per engine that passed parity."""
-    return tracking.register_build(Settings(), source, environment, download, export, branches, failures, nfe)
+    """The build's facts on its MLflow run, a nested run and a model version per engine that passed parity."""
+    return tracking.register_build(Settings(), mlflow_run, source, environment, download, export, branches, failures,
+                                   nfe)
+
+
+@task(name="end_build_run")
+def end_build_run(mlflow_run: str, registered: str | None, error: str | None) -> None:
+    """The build's MLflow run ends with the flow: FINISHED, or FAILED with the reason."""
+    tracking.end_build(Settings(), mlflow_run, registered, error)
 
 
 @task(name="publish_summary")
 def publish_summary(summary: BuildSummary) -> None:
-    """The build's summary as a Prefect markdown artifact, with the MLflow run id."""
+    """The build's summary as a Prefect markdown artifact, with the MLflow run (a link on a server)."""
     create_markdown_artifact(summary.markdown(), key="build-summary",
                              description=f"IndicF5 build of {summary.source.repo_id}@{summary.source.sha[:12]}")

@@ -11,6 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/upstream.py, tests/hub_server.py
 
+from indicf5.cli import quiet_settings  # noqa: E402 (imports nothing of Prefect's)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -18,8 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-QUIET = dict(line.split("=", 1) for line in (Path(__file__).parents[1] / "ops" / "quiet.env").read_text().splitlines()
-             if line and not line.startswith("#"))
+QUIET = quiet_settings()
 
 # huggingface_hub and Prefect read these when first imported: set them before any test imports them.
 # The hub is a local server (tests/hub_server.py); Prefect runs its ephemeral API on a private database.

@@ -1,6 +1,6 @@
 """The real thing on loopback, for tests: `prefect server`, `mlflow server` (sqlite + an artifact
 root), the work pool, `prefect deploy --all` from prefect.yaml, and a process worker; each quiet
-(ops/quiet.env) and stopped at the end."""
+(indicf5/quiet.env) and stopped at the end."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ class Stack:
     def prefect_api(self) -> str:
         return f"{self.prefect_url}/api"
 
-    def start(self, name: str, args: list[str], ready_url: str | None = None, timeout_s: float = 180) -> None:
+    def start(self, name: str, args: list[str], ready_url: str | None = None, timeout_s: float = 180,
+              env: dict[str, str] | None = None) -> None:
         log = (self.root / f"{name}.log").open("w")
-        proc = subprocess.Popen(args, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, env=env or self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(proc)
         deadline = time.monotonic() + timeout_s
         while ready_url and time.monotonic() < deadline:
@@ -48,8 +49,9 @@ class Stack:
         if ready_url:
             raise TimeoutError(f"{name} not ready:\n{(self.root / f'{name}.log').read_text()[-3000:]}")
 
-    def cli(self, *args: str) -> str:
-        done = subprocess.run([str(BIN / "prefect"), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run([str(BIN / "prefect"), *args], env=env or self.env, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
@@ -74,14 +76,18 @@ def start_stack(root: Path, extra_env: dict[str, str]) -> Stack:
            "INDICF5_REPO": str(REPO)}
     stack = Stack(root, env, f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}")
     try:
+        # as `make prefect-server` starts it: the UI told where its API is (the port is not Prefect's default)
+        server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+        server_env["PREFECT_UI_API_URL"] = stack.prefect_api
         stack.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-                    f"{stack.prefect_api}/health")
+                    f"{stack.prefect_api}/health", env=server_env)
         stack.start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                                       "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                                       "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1"],
                     f"{stack.mlflow_url}/health")
         stack.cli("work-pool", "create", "gpu-builders", "--type", "process", "--overwrite")
-        stack.cli("--no-prompt", "deploy", "--all")
+        # deployed from a shell without INDICF5_REPO: the worker, which has it, reads it when a run starts
+        stack.cli("--no-prompt", "deploy", "--all", env={k: v for k, v in env.items() if k != "INDICF5_REPO"})
         stack.start("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "gpu-builders", "--limit", "3"])
     except BaseException:
         stack.stop()

@@ -48,6 +48,7 @@ $(VENV)/.chromium: $(VENV)/.runtime
 	touch $@
 
 test: $(VENV)/.oracle $(VENV)/.chromium
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 prefect-server: $(VENV)/.runtime

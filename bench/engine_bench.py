@@ -43,14 +43,14 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indicf5.backends.base import EngineSpec  # noqa: E402
-from indicf5.backends.compiled import fp8  # noqa: E402
-from indicf5.backends.compiled import CompiledBackend, CompiledEngine, bucket_for  # noqa: E402
-from indicf5.config import TORCH_DTYPES, ModelConfig  # noqa: E402
-from indicf5.model import DiT  # noqa: E402
-from indicf5.sampler import sample  # noqa: E402
-from indicf5.synthetic import random_transformer  # noqa: E402
-from indicf5.vocoder import build_vocos  # noqa: E402
+from indicf5.backends.base import EngineSpec
+from indicf5.backends.compiled import fp8
+from indicf5.backends.compiled import CompiledBackend, CompiledEngine, bucket_for
+from indicf5.config import TORCH_DTYPES, ModelConfig
+from indicf5.model import DiT
+from indicf5.sampler import sample
+from indicf5.synthetic import random_transformer
+from indicf5.vocoder import build_vocos
 
 
 def sync(device):
@@ -116,14 +116,17 @@ with torch.inference_mode():
     t2 = time.perf_counter()
     engine.capture()
 t3 = time.perf_counter()
-print(f"phases: cache artifacts {t1 - start:.1f} s, construct + warm-up (compile) {t2 - t1:.1f} s, graph capture {t3 - t2:.1f} s")
+print(f"phases: cache artifacts {t1 - start:.1f} s, construct + warm-up (compile) {t2 - t1:.1f} s, "
+      f"graph capture {t3 - t2:.1f} s")
 print("inductor counters", dict(counters["inductor"]))
-print(f"LOAD_SECONDS {t3 - start:.2f}  shapes captured {engine.captures}, graph memory {engine.graph_memory_bytes() / 2**20:.0f} MiB")
+print(f"LOAD_SECONDS {t3 - start:.2f}  shapes captured {engine.captures}, "
+      f"graph memory {engine.graph_memory_bytes() / 2**20:.0f} MiB")
 from indicf5.sampler import sample
-for size in map(int, sys.argv[3:]) if device == "cuda" else ():  # the loaded engine's kernels at the benchmark's buckets
+for size in map(int, sys.argv[3:]) if device == "cuda" else ():  # the loaded engine's kernels at the bench's buckets
     c = engine.dit.config
-    sample(engine, torch.randn(1, size // 3, c.mel_dim, device=device), torch.randint(0, 100, (1, size // 5), device=device),
-           [size], nfe=32, seed=0, dtype=engine.state_dtype)  # the shape's buffers hold a real utterance
+    cond = torch.randn(1, size // 3, c.mel_dim, device=device)
+    text = torch.randint(0, 100, (1, size // 5), device=device)
+    sample(engine, cond, text, [size], nfe=32, seed=0, dtype=engine.state_dtype)  # the buffers hold a real utterance
     engine.replay(size, 1, 32)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
@@ -154,11 +157,17 @@ def profile_step(engine, n: int, device: str, top: int = 14) -> None:
         for _ in range(5):
             engine.step(*args)
         sync(device)
-    kernels = [(e.key, e.self_device_time_total / 5e3, e.count // 5) for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    kernels = [
+        (e.key, e.self_device_time_total / 5e3, e.count // 5)
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+    ]
     kernels.sort(key=lambda k: -k[1])
     total = sum(ms for _, ms, _ in kernels)
-    print(f"  profile {n} frames: GPU kernel time {total:.3f} ms/step in {sum(c for *_, c in kernels)} kernels", flush=True)
+    print(
+        f"  profile {n} frames: GPU kernel time {total:.3f} ms/step in {sum(c for *_, c in kernels)} kernels",
+        flush=True,
+    )
     for name, ms, count in kernels[:top]:
         print(f"    {ms:7.3f} ms {100 * ms / total:5.1f}%  x{count:<4} {name[:110]}", flush=True)
 
@@ -183,8 +192,11 @@ def profile_graph(engine, n: int, top: int = 8) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.replay(size, 1, 32)
         torch.cuda.synchronize()
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
     if not kernels:
         print(f"  graph {n} frames: the profiler saw no kernels of the replay", flush=True)
         return
@@ -196,13 +208,18 @@ def profile_graph(engine, n: int, top: int = 8) -> None:
         busy += max(0.0, end - max(start, reach))
         reach = max(reach, end)
     span = reach - kernels[0][0]
-    print(f"  graph {n} frames: span {span / 1e3:.1f} ms, some kernel running {busy / 1e3:.1f} ms, "
-          f"idle {(span - busy) / 1e3:.1f} ms, {len(kernels)} kernels", flush=True)
+    print(
+        f"  graph {n} frames: span {span / 1e3:.1f} ms, some kernel running {busy / 1e3:.1f} ms, "
+        f"idle {(span - busy) / 1e3:.1f} ms, {len(kernels)} kernels",
+        flush=True,
+    )
     for key, us in sorted(gaps.items(), key=lambda kv: -kv[1])[:top]:
         print(f"    idle {us / 1e3:6.2f} ms after {key}", flush=True)
 
 
-def interleaved_replays(engines: dict[str, CompiledEngine], lengths: list[int], rounds: int = 12, replays: int = 5) -> dict:
+def interleaved_replays(
+    engines: dict[str, CompiledEngine], lengths: list[int], rounds: int = 12, replays: int = 5
+) -> dict:
     """Median replay ms of each engine's graph at each length's bucket, the engines taking turns
     round by round, so clock and thermal drift fall on all of them alike."""
     times: dict[tuple[str, int], list[float]] = {(name, n): [] for name in engines for n in lengths}
@@ -240,30 +257,47 @@ def fp8_layer_errors(reference: DiT, inputs, n: int, device: str, results: dict,
     def watch(name, weight, bias):
         def hook(module, args, out):
             x = args[0].flatten(0, -2)
-            errors.setdefault(name, []).append(float((fp8.Fp8Linear.of(weight, bias, torch.float32)(x) - out.flatten(0, -2))
-                                                     .norm() / out.norm()))
+            errors.setdefault(name, []).append(
+                float((fp8.Fp8Linear.of(weight, bias, torch.float32)(x) - out.flatten(0, -2)).norm() / out.norm())
+            )
+
         return hook
 
     for i, block in enumerate(reference.transformer_blocks):
         attn, ff = block.attn, block.ff.ff
-        for name, linear in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0]), ("ff1", ff[0][0]),
-                             ("ff2", ff[2])):
+        for name, linear in (
+            ("q", attn.to_q),
+            ("k", attn.to_k),
+            ("v", attn.to_v),
+            ("out", attn.to_out[0]),
+            ("ff1", ff[0][0]),
+            ("ff2", ff[2]),
+        ):
             hooks.append(linear.register_forward_hook(watch(f"{i}.{name}", linear.weight, linear.bias)))
     x = torch.randn(1, n, reference.config.mel_dim, device=device)
     full = torch.nn.functional.pad(cond, (0, 0, 0, n - cond.shape[1]))
     with torch.inference_mode():
-        reference(torch.cat((x, x)), torch.cat((full, torch.zeros_like(full))),
-                  reference.embed_text(torch.cat((text, torch.full_like(text, -1))), n), torch.tensor(0.5, device=device))
+        reference(
+            torch.cat((x, x)),
+            torch.cat((full, torch.zeros_like(full))),
+            reference.embed_text(torch.cat((text, torch.full_like(text, -1))), n),
+            torch.tensor(0.5, device=device),
+        )
     for h in hooks:
         h.remove()
     worst = sorted(((max(v), k) for k, v in errors.items()), reverse=True)
     results["fp8_layer_rel_l2"] = {k: max(v) for k, v in errors.items()}
-    print(f"FP8 layer outputs vs fp32 at {n} frames: median {sorted(e for e, _ in worst)[len(worst) // 2]:.2e}, worst:", flush=True)
+    print(
+        f"FP8 layer outputs vs fp32 at {n} frames: median {sorted(e for e, _ in worst)[len(worst) // 2]:.2e}, worst:",
+        flush=True,
+    )
     for err, name in worst[:top]:
         print(f"    block.layer {name:10} relL2 {err:.2e}", flush=True)
 
 
-def batch_replays(engine: CompiledEngine, variant: str, lengths: list[int], batches: list[int], nfe: int, results: dict) -> None:
+def batch_replays(
+    engine: CompiledEngine, variant: str, lengths: list[int], batches: list[int], nfe: int, results: dict
+) -> None:
     """ms per utterance at each batch size of utterances of n frames (a third reference, text of a
     fifth): sample() whole, and the captured loop's replay alone after it (its buffers then hold
     that batch): the engine's own throughput at the shapes a server forms."""
@@ -276,27 +310,42 @@ def batch_replays(engine: CompiledEngine, variant: str, lengths: list[int], batc
                 continue
             cond = torch.randn(rows, n // 3, c.mel_dim, generator=g).cuda()
             text = torch.randint(0, c.text_num_embeds, (rows, n // 5), generator=g).cuda()
-            run = lambda: sample(engine, cond, text, [n] * rows, nfe=nfe, seed=list(range(rows)), dtype=engine.state_dtype)  # noqa: E731
+
+            def run(cond=cond, text=text, rows=rows):
+                return sample(engine, cond, text, [n] * rows, nfe=nfe, seed=list(range(rows)), dtype=engine.state_dtype)
+
             whole = timed(run, "cuda", repeats=3) / rows
             ms = timed(lambda: engine.replay(size, rows, nfe), "cuda", repeats=5) / rows
             base = base or ms
-            results.setdefault("batch_ms_per_utterance", {}).setdefault(variant, {}).setdefault(str(n), {})[rows] = \
-                {"sample": whole, "replay": ms}
-            print(f"  batch {variant:24} {n:5} frames (bucket {size}) x {rows:3}: replay {ms:7.2f} ms an utterance "
-                  f"({base / ms:4.2f}x batch {batches[0]}), sample() {whole:7.2f} ms", flush=True)
+            results.setdefault("batch_ms_per_utterance", {}).setdefault(variant, {}).setdefault(str(n), {})[rows] = {
+                "sample": whole,
+                "replay": ms,
+            }
+            print(
+                f"  batch {variant:24} {n:5} frames (bucket {size}) x {rows:3}: replay {ms:7.2f} ms an utterance "
+                f"({base / ms:4.2f}x batch {batches[0]}), sample() {whole:7.2f} ms",
+                flush=True,
+            )
 
 
-def schedule_row(engine, variant: str, steps: int, schedule: str, inputs, reference, vocoder, device: str, results: dict) -> None:
+def schedule_row(
+    engine, variant: str, steps: int, schedule: str, inputs, reference, vocoder, device: str, results: dict
+) -> None:
     """End to end (loop + vocoder) at `steps` steps of `schedule`, and the mel's relL2 against the
     fp32 reference's 32 uniform steps."""
     for n, (cond, text) in inputs.items():
-        run = lambda: sample(engine, cond, text, [n], nfe=steps, schedule=schedule, seed=0, dtype=engine.state_dtype)  # noqa: E731
+        run = lambda: sample(engine, cond, text, [n], nfe=steps, schedule=schedule, seed=0, dtype=engine.state_dtype)
         mel = run()
-        e2e = timed(lambda: vocoder.decode(run()[:, cond.shape[1]:].transpose(1, 2).float()), device, repeats=5)
+        e2e = timed(lambda: vocoder.decode(run()[:, cond.shape[1] :].transpose(1, 2).float()), device, repeats=5)
         rel = float((mel.double() - reference[n].double()).norm() / reference[n].double().norm())
-        results["rows"].append({"engine": f"compiled {variant} {steps} {schedule}", "frames": n, "e2e_ms": e2e, "rel_l2_vs_fp32": rel})
-        print(f"  {variant} {steps:3} steps {schedule:8} {n:5} frames: e2e {e2e:7.1f} ms  mel relL2 vs fp32 32 uniform {rel:.2e}",
-              flush=True)
+        results["rows"].append(
+            {"engine": f"compiled {variant} {steps} {schedule}", "frames": n, "e2e_ms": e2e, "rel_l2_vs_fp32": rel}
+        )
+        print(
+            f"  {variant} {steps:3} steps {schedule:8} {n:5} frames: e2e {e2e:7.1f} ms  "
+            f"mel relL2 vs fp32 32 uniform {rel:.2e}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -305,30 +354,63 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--nfe", type=int, default=32)
     ap.add_argument("--text-tokens", type=int, default=300)
-    ap.add_argument("--compiled", nargs="+", default=["fp16", "bf16"],
-                    help="compiled engines: DTYPE[,FLAG=VALUE...] over the backend's default build flags, e.g. bf16,precision=pure")
-    ap.add_argument("--load-test", nargs="*", default=["fp16"], help="variants whose saved engine is loaded in a fresh process")
-    ap.add_argument("--graph-only", nargs="*", default=[], help="variants timed with their CUDA graph only (no launch-bound rows)")
-    ap.add_argument("--buckets", type=int, nargs="+", help="the compiled engines' length buckets (default: the backend's)")
-    ap.add_argument("--profile", action="store_true",
-                    help="each compiled engine: a GPU kernel breakdown of one step, and the idle time of one graph replay")
+    ap.add_argument(
+        "--compiled",
+        nargs="+",
+        default=["fp16", "bf16"],
+        help="compiled engines: DTYPE[,FLAG=VALUE...] over the backend's default build flags, e.g. bf16,precision=pure",
+    )
+    ap.add_argument(
+        "--load-test", nargs="*", default=["fp16"], help="variants whose saved engine is loaded in a fresh process"
+    )
+    ap.add_argument(
+        "--graph-only", nargs="*", default=[], help="variants timed with their CUDA graph only (no launch-bound rows)"
+    )
+    ap.add_argument(
+        "--buckets", type=int, nargs="+", help="the compiled engines' length buckets (default: the backend's)"
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="each compiled engine: a GPU kernel breakdown of one step, and the idle time of one graph replay",
+    )
     ap.add_argument("--out", type=Path)
     ap.add_argument("--skip-eager", action="store_true", help="compiled engines only")
-    ap.add_argument("--interleaved", action="store_true",
-                    help="keep the compiled engines and, at the end, time their replays taking turns (a same-process A/B)")
+    ap.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="keep the compiled engines and, at the end, time their replays taking turns (a same-process A/B)",
+    )
     ap.add_argument("--no-vocoder", dest="vocoder", action="store_false")
-    ap.add_argument("--batches", type=int, nargs="*", default=[], help="batch sizes whose captured loop is timed per utterance")
-    ap.add_argument("--batch-lengths", type=int, nargs="+", default=[512, 576], help="total frames of the --batches rows")
-    ap.add_argument("--schedules", nargs="*", default=[], help="STEPS:SCHEDULE runs of each compiled engine, e.g. 16:epss 7:epss")
-    ap.add_argument("--fp8-layers", action="store_true", help="the relL2 of each FP8 layer's output on the reference's activations")
+    ap.add_argument(
+        "--batches", type=int, nargs="*", default=[], help="batch sizes whose captured loop is timed per utterance"
+    )
+    ap.add_argument(
+        "--batch-lengths", type=int, nargs="+", default=[512, 576], help="total frames of the --batches rows"
+    )
+    ap.add_argument(
+        "--schedules", nargs="*", default=[], help="STEPS:SCHEDULE runs of each compiled engine, e.g. 16:epss 7:epss"
+    )
+    ap.add_argument(
+        "--fp8-layers", action="store_true", help="the relL2 of each FP8 layer's output on the reference's activations"
+    )
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = (ModelConfig(dim=64, depth=2, heads=4, dim_head=16, text_dim=32, conv_layers=1, text_num_embeds=300)
-              if args.small else ModelConfig(text_num_embeds=2545))
+    config = (
+        ModelConfig(dim=64, depth=2, heads=4, dim_head=16, text_dim=32, conv_layers=1, text_num_embeds=300)
+        if args.small
+        else ModelConfig(text_num_embeds=2545)
+    )
     state = random_transformer(config, seed=0)
     rate = matmul_tflops(device)
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d"), "matmul_bf16_tflops": rate, "nfe": args.nfe, "rows": []}
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "matmul_bf16_tflops": rate,
+        "nfe": args.nfe,
+        "rows": [],
+    }
     print(f"device {results['device']}, torch {torch.__version__}, bf16 matmul {rate:.0f} TFLOP/s", flush=True)
 
     def dit(dtype: str) -> DiT:
@@ -340,8 +422,12 @@ def main() -> None:
     inputs = {}
     for n in args.lengths:
         ref_frames = n // 3
-        inputs[n] = (torch.randn(1, ref_frames, config.mel_dim, generator=g).to(device),
-                     torch.randint(0, config.text_num_embeds, (1, min(args.text_tokens, n - ref_frames - 1)), generator=g).to(device))
+        inputs[n] = (
+            torch.randn(1, ref_frames, config.mel_dim, generator=g).to(device),
+            torch.randint(0, config.text_num_embeds, (1, min(args.text_tokens, n - ref_frames - 1)), generator=g).to(
+                device
+            ),
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     vocoder = build_vocos().to(device).eval() if not args.small else build_vocos(64, 192, 2).to(device).eval()
     reference: dict[int, torch.Tensor] = {}
@@ -349,26 +435,37 @@ def main() -> None:
     def run_row(label: str, model, dtype: str):
         for n in args.lengths:
             cond, text = inputs[n]
-            run = lambda: sample(model, cond, text, [n], nfe=args.nfe, seed=0, dtype=TORCH_DTYPES[dtype])  # noqa: E731
+            run = lambda: sample(model, cond, text, [n], nfe=args.nfe, seed=0, dtype=TORCH_DTYPES[dtype])
             reset_peak(device)
             mel = run()
             loop_ms = timed(run, device, repeats=3 if label.startswith("eager fp32") else 5)
-            generated = mel[:, cond.shape[1]:].transpose(1, 2)
-            e2e_ms = timed(lambda: vocoder.decode(run()[:, cond.shape[1]:].transpose(1, 2).float()), device, repeats=3)
+            generated = mel[:, cond.shape[1] :].transpose(1, 2)
+            e2e_ms = timed(lambda: vocoder.decode(run()[:, cond.shape[1] :].transpose(1, 2).float()), device, repeats=3)
             if n not in reference:
                 reference[n] = mel
             rel = float((mel.double() - reference[n].double()).norm() / reference[n].double().norm())
             tflops = loop_flops(config, n, 2, args.nfe) / loop_ms / 1e9
-            row = {"engine": label, "frames": n, "loop_ms": loop_ms, "e2e_ms": e2e_ms, "loop_tflops": tflops,
-                   "fraction_of_matmul_rate": tflops / rate if rate == rate else None, "peak_mb": peak_mb(device),
-                   "rel_l2_vs_fp32": rel, "finite": bool(torch.isfinite(mel).all())}
+            row = {
+                "engine": label,
+                "frames": n,
+                "loop_ms": loop_ms,
+                "e2e_ms": e2e_ms,
+                "loop_tflops": tflops,
+                "fraction_of_matmul_rate": tflops / rate if rate == rate else None,
+                "peak_mb": peak_mb(device),
+                "rel_l2_vs_fp32": rel,
+                "finite": bool(torch.isfinite(mel).all()),
+            }
             graphed = getattr(model, "cuda_graphs", False)
             if graphed:  # what of the loop's time is the graphs' replay, and what the rest of sample()
                 row["replay_ms"] = timed(lambda: model.replay(bucket_for(n, model.buckets), 1, args.nfe), device)
             results["rows"].append(row)
             replay = f"  (replay {row['replay_ms']:6.1f} ms)" if graphed else ""
-            print(f"{label:32} {n:5} frames: loop {loop_ms:8.1f} ms  e2e {e2e_ms:8.1f} ms  {tflops:6.1f} TFLOP/s  "
-                  f"peak {row['peak_mb']:8.0f} MB  relL2 {rel:.2e}{replay}", flush=True)
+            print(
+                f"{label:32} {n:5} frames: loop {loop_ms:8.1f} ms  e2e {e2e_ms:8.1f} ms  {tflops:6.1f} TFLOP/s  "
+                f"peak {row['peak_mb']:8.0f} MB  relL2 {rel:.2e}{replay}",
+                flush=True,
+            )
             del generated
 
     if not args.skip_eager:
@@ -379,14 +476,21 @@ def main() -> None:
             reference[n] = sample(dit("fp32"), *inputs[n], [n], nfe=args.nfe, seed=0)
     for low in ("fp16", "bf16", "fp8"):
         rounded = dit("fp32")
-        rounded.load_state_dict({k: v.to(TORCH_DTYPES[low]).float() for k, v in state.items()} if low != "fp8" else state)
+        rounded.load_state_dict(
+            {k: v.to(TORCH_DTYPES[low]).float() for k, v in state.items()} if low != "fp8" else state
+        )
         if low == "fp8":  # the blocks' FP8 layers' weights through e4m3 and back, the rest fp32
             fp8_rounded_weights(rounded)
         for n in args.lengths:
-            rel = float((sample(rounded, *inputs[n], [n], nfe=args.nfe, seed=0).double() - reference[n].double()).norm()
-                        / reference[n].double().norm())
+            rel = float(
+                (sample(rounded, *inputs[n], [n], nfe=args.nfe, seed=0).double() - reference[n].double()).norm()
+                / reference[n].double().norm()
+            )
             results["rows"].append({"engine": f"fp32 math, {low}-rounded weights", "frames": n, "rel_l2_vs_fp32": rel})
-            print(f"{'fp32 math, ' + low + '-rounded weights':32} {n:5} frames: relL2 {rel:.2e} (the {low} weight floor)", flush=True)
+            print(
+                f"{'fp32 math, ' + low + '-rounded weights':32} {n:5} frames: relL2 {rel:.2e} (the {low} weight floor)",
+                flush=True,
+            )
         del rounded
 
     backend = CompiledBackend()
@@ -399,9 +503,16 @@ def main() -> None:
                 flags["buckets"] = args.buckets
             weights = Path(tmp) / f"weights-{i}"
             weights.mkdir()
-            save_file({k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in state.items()}, str(weights / "model.safetensors"))
-            spec = EngineSpec(backend="compiled", dtype=dtype, model=config,
-                              build_flags={**backend.default_flags(), **flags, "device": device})
+            save_file(
+                {k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in state.items()},
+                str(weights / "model.safetensors"),
+            )
+            spec = EngineSpec(
+                backend="compiled",
+                dtype=dtype,
+                model=config,
+                build_flags={**backend.default_flags(), **flags, "device": device},
+            )
             engine_dir = Path(tmp) / f"engine-{i}"
             engine_dir.mkdir()
             start = time.perf_counter()
@@ -441,16 +552,30 @@ def main() -> None:
             del engine
             if variant not in args.load_test:
                 continue
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"fresh-cache-{i}"),
-                       PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-            buckets = {str(bucket_for(n, tuple(spec.build_flags["buckets"]))) for n in args.lengths}  # replayed after the load
-            done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(engine_dir), device, *buckets],
-                                  capture_output=True, text=True, env=env)
+            env = dict(
+                os.environ,
+                TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"fresh-cache-{i}"),
+                PYTHONPATH=os.pathsep.join(
+                    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+                ),
+            )
+            buckets = {
+                str(bucket_for(n, tuple(spec.build_flags["buckets"]))) for n in args.lengths
+            }  # replayed after the load
+            done = subprocess.run(
+                [sys.executable, "-c", LOAD_SCRIPT, str(engine_dir), device, *buckets],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             print(done.stdout, flush=True)
             load = [line for line in done.stdout.splitlines() if line.startswith("LOAD_SECONDS")]
             results.setdefault("load_seconds", {})[variant] = float(load[0].split()[1]) if load else done.stderr[-1500:]
-            print(f"load of the saved {variant} engine in a fresh process (cold compiler cache): "
-                  f"{results['load_seconds'][variant]} s", flush=True)
+            print(
+                f"load of the saved {variant} engine in a fresh process (cold compiler cache): "
+                f"{results['load_seconds'][variant]} s",
+                flush=True,
+            )
 
     if args.fp8_layers:
         fp8_layer_errors(dit("fp32"), inputs[args.lengths[0]], args.lengths[0], device, results)
@@ -460,7 +585,11 @@ def main() -> None:
         first = next(iter(kept))
         for (variant, n), ms in medians.items():
             results.setdefault("interleaved_replay_ms", {}).setdefault(variant, {})[n] = ms
-            print(f"interleaved replay {variant:40} {n:5} frames: {ms:7.2f} ms  ({ms / medians[(first, n)]:.4f} x {first})", flush=True)
+            print(
+                f"interleaved replay {variant:40} {n:5} frames: {ms:7.2f} ms  "
+                f"({ms / medians[(first, n)]:.4f} x {first})",
+                flush=True,
+            )
         kept.clear()
 
     for n in args.lengths if args.vocoder else ():

@@ -26,13 +26,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indicf5.backends import conv_kernel  # noqa: E402
-from indicf5.backends.compiled.kernels.rope import rotate_first_head_  # noqa: E402
-from indicf5.backends.compiled.kernels.attention import attend, padded_attention  # noqa: E402
-from indicf5.backends.compiled import ChannelsLastConvPositionEmbedding, Padding, TritonConvPositionEmbedding  # noqa: E402
-from indicf5.config import TORCH_DTYPES  # noqa: E402
-from indicf5.model import ConvPositionEmbedding, rope_angles, rope_inv_freq, rotate_first_head, sdpa_attend  # noqa: E402
-from indicf5.sampler import lengths_to_mask  # noqa: E402
+from indicf5.backends import conv_kernel
+from indicf5.backends.compiled.kernels.rope import rotate_first_head_
+from indicf5.backends.compiled.kernels.attention import attend, padded_attention
+from indicf5.backends.compiled import ChannelsLastConvPositionEmbedding, Padding, TritonConvPositionEmbedding
+from indicf5.config import TORCH_DTYPES
+from indicf5.model import ConvPositionEmbedding, rope_angles, rope_inv_freq, rotate_first_head, sdpa_attend
+from indicf5.sampler import lengths_to_mask
 
 
 def median_ms(fn, repeats: int = 50) -> float:
@@ -77,18 +77,19 @@ def bench_attention(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64
     flops = 4 * b * heads * n * n * dim_head
     qkv_d = qkv.to(dtype)  # the fused projection's output, (b, n, 3, h, dh)
     qd, kd, vd = (t.contiguous() for t in qkv_d.unbind(2))
-    tokens = lambda t: t.flatten(0, 1)  # noqa: E731  (b * n, h, dh) views
+    tokens = lambda t: t.flatten(0, 1)  # (b * n, h, dh) views
     seq_starts = torch.arange(b + 1, device="cuda", dtype=torch.int32) * n
 
     def bias_channel(width: int = 72):
         """Exact without a mask: q and k get one more channel, 1 on q and -30000 on padded keys (the
         score's exp underflows to 0 in fp32), and zeros up to `width`; v stays as it is."""
         extra = width - dim_head
-        q2 = torch.cat((qd, torch.ones_like(qd[..., :1]), torch.zeros_like(qd[..., :extra - 1])), -1)
+        q2 = torch.cat((qd, torch.ones_like(qd[..., :1]), torch.zeros_like(qd[..., : extra - 1])), -1)
         key_bias = torch.where(mask, 0.0, -30000.0).to(dtype)[:, :, None, None].expand(b, n, heads, 1)
-        k2 = torch.cat((kd, key_bias, torch.zeros_like(kd[..., :extra - 1])), -1)
-        return lambda: F.scaled_dot_product_attention(q2.transpose(1, 2), k2.transpose(1, 2), vd.transpose(1, 2),
-                                                      scale=dim_head ** -0.5).transpose(1, 2)
+        k2 = torch.cat((kd, key_bias, torch.zeros_like(kd[..., : extra - 1])), -1)
+        return lambda: F.scaled_dot_product_attention(
+            q2.transpose(1, 2), k2.transpose(1, 2), vd.transpose(1, 2), scale=dim_head**-0.5
+        ).transpose(1, 2)
 
     variants = {
         "sdpa, key mask (before)": lambda: sdpa_attend(qd, kd, vd, mask),
@@ -97,10 +98,18 @@ def bench_attention(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64
         "padded (the kernel)": lambda: padded_attention(qd, kd, vd, lengths),
         "padded, on q|k|v views": lambda: padded_attention(*qkv_d.unbind(2), lengths),
         "flash varlen, seqused_k": lambda: torch.ops.aten._flash_attention_forward(
-            tokens(qd), tokens(kd), tokens(vd), seq_starts, seq_starts, n, n, 0.0, False, False, seqused_k=lengths)[0].view(b, n, heads, -1),
+            tokens(qd), tokens(kd), tokens(vd), seq_starts, seq_starts, n, n, 0.0, False, False, seqused_k=lengths
+        )[0].view(b, n, heads, -1),
         "bias channel, q/k 72 wide": bias_channel(),
-        **{f"padded, views, {bm}x{bn} tiles {w}w {st}s": (lambda bm=bm, bn=bn, w=w, st=st: attend(*qkv_d.unbind(2), lengths, bm, bn, w, st))
-           for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)},
+        **{
+            f"padded, views, {bm}x{bn} tiles {w}w {st}s": (
+                lambda bm=bm, bn=bn, w=w, st=st: attend(*qkv_d.unbind(2), lengths, bm, bn, w, st)
+            )
+            for bm in (64, 128)
+            for bn in (64, 128)
+            for w in (4, 8)
+            for st in (2, 3, 4)
+        },
     }
     for name, fn in variants.items():
         try:
@@ -110,12 +119,18 @@ def bench_attention(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64
             print(f"{dtype_name} {n:5} frames  attention {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         rel = float((got.float()[:, :length] - want).norm() / want.norm())
-        print(f"{dtype_name} {n:5} frames  attention {name:34} {ms:7.4f} ms  {flops / ms / 1e9:6.1f} TFLOP/s  relL2 {rel:.2e}",
-              flush=True)
+        print(
+            f"{dtype_name} {n:5} frames  attention {name:34} {ms:7.4f} ms  {flops / ms / 1e9:6.1f} TFLOP/s  "
+            f"relL2 {rel:.2e}",
+            flush=True,
+        )
     full = padded_attention(qd, kd, vd, torch.full((b,), n, device="cuda", dtype=torch.int32)).float()
     want_full = sdpa_attend(q, k, v)
-    print(f"{dtype_name} {n:5} frames  attention padded, rows without padding: relL2 "
-          f"{float((full - want_full).norm() / want_full.norm()):.2e}", flush=True)
+    print(
+        f"{dtype_name} {n:5} frames  attention padded, rows without padding: relL2 "
+        f"{float((full - want_full).norm() / want_full.norm()):.2e}",
+        flush=True,
+    )
 
 
 def only(backend, q, k, v):
@@ -135,8 +150,10 @@ def bench_rope(n: int, dtype_name: str, heads: int = 16, dim_head: int = 64) -> 
     rotate_first_head_(rotated, angles, heads)
     got = rotated.view(2, n, 3, heads, dim_head).unbind(2)[:2]
     err = max(float((g.float() - w.float()).abs().max()) for g, w in zip(got, want))
-    for name, fn in {"rope, compiled copy (before)": lambda: copy(qkv),
-                     "rope, in-place kernel": lambda: rotate_first_head_(qkv, angles, heads)}.items():
+    for name, fn in {
+        "rope, compiled copy (before)": lambda: copy(qkv),
+        "rope, in-place kernel": lambda: rotate_first_head_(qkv, angles, heads),
+    }.items():
         print(f"{dtype_name} {n:5} frames  {name:44} {graph_ms(fn):7.4f} ms  max |diff| {err:.1e}", flush=True)
 
 
@@ -155,13 +172,23 @@ def bench_conv(n: int, dtype_name: str, reference: ConvPositionEmbedding) -> Non
     variants = {
         "cudnn channels-last": lambda: channels_last(xd, padding),
         "cudnn (b, d, n) + transposes": lambda: ncl(xd, padding.mask),
-        **{f"triton {bt} frames x {w} warps": (lambda bt=bt, w=w: conv_kernel.conv_mish(
-            conv_kernel.conv_mish(xd, triton_conv.weight0, triton_conv.bias0, lengths, bt, w),
-            triton_conv.weight1, triton_conv.bias1, lengths, bt, w))
-           for bt in (64, 128, 256) for w in (4, 8)},
+        **{
+            f"triton {bt} frames x {w} warps": (
+                lambda bt=bt, w=w: conv_kernel.conv_mish(
+                    conv_kernel.conv_mish(xd, triton_conv.weight0, triton_conv.bias0, lengths, bt, w),
+                    triton_conv.weight1,
+                    triton_conv.bias1,
+                    lengths,
+                    bt,
+                    w,
+                )
+            )
+            for bt in (64, 128, 256)
+            for w in (4, 8)
+        },
     }
     for name, fn in variants.items():
-        for benchmark in ((False, True) if name.startswith("cudnn") else (False,)):
+        for benchmark in (False, True) if name.startswith("cudnn") else (False,):
             torch.backends.cudnn.benchmark = benchmark
             try:
                 got = fn()
@@ -171,7 +198,10 @@ def bench_conv(n: int, dtype_name: str, reference: ConvPositionEmbedding) -> Non
                 continue
             rel = float((got.float() - want).norm() / want.norm())
             label = name + (" [cudnn.benchmark]" if benchmark else "")
-            print(f"{dtype_name} {n:5} frames  {label:40} {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s  relL2 {rel:.2e}", flush=True)
+            print(
+                f"{dtype_name} {n:5} frames  {label:40} {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s  relL2 {rel:.2e}",
+                flush=True,
+            )
     torch.backends.cudnn.benchmark = False
 
 

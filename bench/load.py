@@ -35,9 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indicf5.audio import write_wav  # noqa: E402
-from indicf5.serve.process import ServerProcess  # noqa: E402
-from indicf5.synthetic import REF_TEXT, reference_clip  # noqa: E402
+from indicf5.audio import write_wav
+from indicf5.serve.process import ServerProcess
+from indicf5.synthetic import REF_TEXT, reference_clip
 
 SENTENCES = ["नमस्ते, आप कैसे हैं?", "यह एक परीक्षण वाक्य है।", "आज मौसम बहुत अच्छा है।", "मुझे हिंदी बोलना पसंद है।"]
 LONG_TEXT = " ".join(SENTENCES * 8)  # 4+ chunks with the 3 s reference
@@ -51,11 +51,15 @@ def metric(url: str, name: str) -> float:
 def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds: float, seed: int = 0) -> dict:
     deadline = time.monotonic() + max_seconds
     with httpx.Client(limits=httpx.Limits(max_connections=concurrency), timeout=600) as client:
+
         def one(i: int):
             if time.monotonic() > deadline:
                 return None
             start = time.perf_counter()
-            r = client.post(f"{url}/v1/audio/speech", json={"input": SENTENCES[i % len(SENTENCES)], "voice": voice, "seed": seed + i})
+            r = client.post(
+                f"{url}/v1/audio/speech",
+                json={"input": SENTENCES[i % len(SENTENCES)], "voice": voice, "seed": seed + i},
+            )
             return r.status_code, time.perf_counter() - start, float(r.headers.get("x-audio-seconds", 0))
 
         with ThreadPoolExecutor(concurrency) as pool:
@@ -71,14 +75,23 @@ def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds:
         if status != 200:
             errors[str(status)] = errors.get(str(status), 0) + 1
     batches = metric(url, "indicf5_batch_rows_count") - batches0
-    pct = lambda q: float(np.percentile(latencies, q)) if len(latencies) else float("nan")  # noqa: E731
-    return {"requests": len(results), "ok": len(ok), "errors": errors, "wall_s": wall, "rps": len(ok) / wall,
-            "audio_s_per_s": sum(r[2] for r in ok) / wall, "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
-            "max_ms": float(latencies.max()) if len(latencies) else float("nan"),
-            "rows_per_batch": (metric(url, "indicf5_batch_rows_sum") - rows0) / batches if batches else float("nan"),
-            "captures_after_ready": metric(url, "indicf5_engine_captures_after_ready"),
-            "compiles_after_ready": metric(url, "indicf5_engine_compiles_after_ready"),
-            "graph_memory_mib": metric(url, "indicf5_engine_graph_memory_bytes") / 2**20}
+    pct = lambda q: float(np.percentile(latencies, q)) if len(latencies) else float("nan")
+    return {
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": errors,
+        "wall_s": wall,
+        "rps": len(ok) / wall,
+        "audio_s_per_s": sum(r[2] for r in ok) / wall,
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "max_ms": float(latencies.max()) if len(latencies) else float("nan"),
+        "rows_per_batch": (metric(url, "indicf5_batch_rows_sum") - rows0) / batches if batches else float("nan"),
+        "captures_after_ready": metric(url, "indicf5_engine_captures_after_ready"),
+        "compiles_after_ready": metric(url, "indicf5_engine_compiles_after_ready"),
+        "graph_memory_mib": metric(url, "indicf5_engine_graph_memory_bytes") / 2**20,
+    }
 
 
 def time_to_first_byte(url: str, voice: str, text: str, stream: bool) -> float:
@@ -97,10 +110,12 @@ def time_to_first_byte(url: str, voice: str, text: str, stream: bool) -> float:
 
 def ttfb(url: str, voice: str, chunk_text: str) -> dict:
     """Median of 3 of each: the long text whole, its stream's first byte, its first chunk alone."""
-    med = lambda f: float(np.median([f() for _ in range(3)]))  # noqa: E731
-    return {"whole_ms": med(lambda: time_to_first_byte(url, voice, LONG_TEXT, False)),
-            "stream_first_byte_ms": med(lambda: time_to_first_byte(url, voice, LONG_TEXT, True)),
-            "first_chunk_alone_ms": med(lambda: time_to_first_byte(url, voice, chunk_text, False))}
+    med = lambda f: float(np.median([f() for _ in range(3)]))
+    return {
+        "whole_ms": med(lambda: time_to_first_byte(url, voice, LONG_TEXT, False)),
+        "stream_first_byte_ms": med(lambda: time_to_first_byte(url, voice, LONG_TEXT, True)),
+        "first_chunk_alone_ms": med(lambda: time_to_first_byte(url, voice, chunk_text, False)),
+    }
 
 
 def first_chunk(ref: Path) -> str:
@@ -123,7 +138,10 @@ def engine_rate(engine: Path, device: str, ref: Path, requests: int, batches: li
     from indicf5.synth import Synthesizer
 
     synth = Synthesizer.from_engine(engine, device=device)
-    rows = [synth.prepare(SENTENCES[i % len(SENTENCES)], ref, REF_TEXT, SamplingConfig(seed=i)).rows[0] for i in range(requests)]
+    rows = [
+        synth.prepare(SENTENCES[i % len(SENTENCES)], ref, REF_TEXT, SamplingConfig(seed=i)).rows[0]
+        for i in range(requests)
+    ]
     audio_s = sum(r.frames - r.ref_frames for r in rows) * synth.mel_config.hop_length / synth.mel_config.sample_rate
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = {}
@@ -132,7 +150,7 @@ def engine_rate(engine: Path, device: str, ref: Path, requests: int, batches: li
         sync()
         start = time.perf_counter()
         for i in range(0, len(rows), batch):
-            synth.render(rows[i:i + batch])
+            synth.render(rows[i : i + batch])
         sync()
         out[batch] = audio_s / (time.perf_counter() - start)
     if device.startswith("cuda"):
@@ -161,8 +179,15 @@ def synthetic_engine(tmp: Path, size: str, backend: str, dtype: str, device: str
     if size == "small":
         return engine_from_checkpoint(make_synthetic(tmp / "IndicF5"), tmp / "build", backend, dtype, device, flags)
     c = ModelConfig()
-    snapshot = make_synthetic(tmp / "IndicF5", dim=c.dim, depth=c.depth, heads=c.heads, text_dim=c.text_dim,
-                              conv_layers=c.conv_layers, ff_mult=c.ff_mult)
+    snapshot = make_synthetic(
+        tmp / "IndicF5",
+        dim=c.dim,
+        depth=c.depth,
+        heads=c.heads,
+        text_dim=c.text_dim,
+        conv_layers=c.conv_layers,
+        ff_mult=c.ff_mult,
+    )
     engine = engine_from_checkpoint(snapshot, tmp / "build", backend, dtype, device, flags)
     save_file(random_vocoder(0, dim=512, hidden=1536, layers=8), str(engine / EXPORT_VOCODER))  # Vocos' real size
     return engine
@@ -172,10 +197,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--engine", type=Path, help="engine directory to serve")
-    target.add_argument("--synthetic", action="store_true", help="build a synthetic engine (random weights) and serve it")
+    target.add_argument(
+        "--synthetic", action="store_true", help="build a synthetic engine (random weights) and serve it"
+    )
     target.add_argument("--url", help="a running server")
-    p.add_argument("--size", choices=["small", "indicf5"], default="small",
-                   help="with --synthetic: the tests' small sizes, or IndicF5's dims with a full-size vocoder")
+    p.add_argument(
+        "--size",
+        choices=["small", "indicf5"],
+        default="small",
+        help="with --synthetic: the tests' small sizes, or IndicF5's dims with a full-size vocoder",
+    )
     p.add_argument("--backend", default="eager", help="with --synthetic")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="with --synthetic")
     p.add_argument("--voice", help="with --url: a voice the server has (default: add the synthetic reference)")
@@ -185,8 +216,12 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=300, help="stop sending after this long")
     p.add_argument("--device", action="append", help="passed to indicf5 serve")
     p.add_argument("--out", type=Path, help="write the results as JSON")
-    p.add_argument("--flags", type=json.loads, default={}, help='with --synthetic: build flags as JSON, e.g. {"precision": "fp8"}')
-    p.add_argument("--engine-rate", action="store_true", help="also the engine's own throughput on the same rows, in this process")
+    p.add_argument(
+        "--flags", type=json.loads, default={}, help='with --synthetic: build flags as JSON, e.g. {"precision": "fp8"}'
+    )
+    p.add_argument(
+        "--engine-rate", action="store_true", help="also the engine's own throughput on the same rows, in this process"
+    )
     p.add_argument("--ttfb", action="store_true", help="also the first-byte times of a long text, on the last server")
     args = p.parse_args()
 
@@ -201,14 +236,18 @@ def main() -> None:
         else:
             engine = args.engine
             if args.synthetic:
-                engine = synthetic_engine(tmp, args.size, args.backend, args.dtype, (args.device or ["cpu"])[0], args.flags)
+                engine = synthetic_engine(
+                    tmp, args.size, args.backend, args.dtype, (args.device or ["cpu"])[0], args.flags
+                )
             for i, max_batch in enumerate(args.max_batch):
                 extra = ["--max-batch", str(max_batch), "--voices-dir", str(tmp / "voices")]
                 for device in args.device or []:
                     extra += ["--device", device]
                 with ServerProcess(engine, tmp / f"server-{max_batch}.log", *extra) as server:
                     voice = add_voice(server.url, ref, REF_TEXT)
-                    results[f"max_batch={max_batch}"] = run_load(server.url, voice, args.requests, args.concurrency, args.max_seconds)
+                    results[f"max_batch={max_batch}"] = run_load(
+                        server.url, voice, args.requests, args.concurrency, args.max_seconds
+                    )
                     print(f"max_batch={max_batch}", json.dumps(results[f"max_batch={max_batch}"]), flush=True)
                     if args.ttfb and i == len(args.max_batch) - 1:
                         results["ttfb"] = ttfb(server.url, voice, first_chunk(ref))
@@ -217,18 +256,27 @@ def main() -> None:
                 results["engine"] = engine_rate(engine, (args.device or ["cpu"])[0], ref, args.requests, args.max_batch)
                 print("engine", json.dumps(results["engine"]), flush=True)
 
-    print(f"\n{args.requests} requests, {args.concurrency} clients" + (f", {args.size} {args.backend} {args.dtype}" if args.synthetic else ""))
+    print(
+        f"\n{args.requests} requests, {args.concurrency} clients"
+        + (f", {args.size} {args.backend} {args.dtype}" if args.synthetic else "")
+    )
     servers = {name: r for name, r in results.items() if name.startswith("max_batch=") or name == "server"}
-    print(f"{'server':16} {'ok':>4} {'req/s':>7} {'audio s/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-          f"{'rows/batch':>10} {'captures':>8} {'engine s/s':>10} {'server/engine':>13} {'of floor':>8}  errors")
+    print(
+        f"{'server':16} {'ok':>4} {'req/s':>7} {'audio s/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8} "
+        f"{'rows/batch':>10} {'captures':>8} {'engine s/s':>10} {'server/engine':>13} {'of floor':>8}  errors"
+    )
     engine_rates = results.get("engine", {})
     floor = engine_rates.get("matmul_floor_audio_s_per_s")
     for name, r in servers.items():
         own = engine_rates.get(int(name.split("=")[1])) if name != "server" else None
-        print(f"{name:16} {r['ok']:>4} {r['rps']:>7.2f} {r['audio_s_per_s']:>9.2f} {r['p50_ms']:>8.0f} {r['p90_ms']:>8.0f} "
-              f"{r['p99_ms']:>8.0f} {r['max_ms']:>8.0f} {r['rows_per_batch']:>10.2f} {r['captures_after_ready']:>8.0f} "
-              f"{own or float('nan'):>10.2f} {r['audio_s_per_s'] / own if own else float('nan'):>13.2f} "
-              f"{r['audio_s_per_s'] / floor if floor else float('nan'):>8.2f}  {r['errors'] or '-'}")
+        print(
+            f"{name:16} {r['ok']:>4} {r['rps']:>7.2f} {r['audio_s_per_s']:>9.2f} {r['p50_ms']:>8.0f} "
+            f"{r['p90_ms']:>8.0f} "
+            f"{r['p99_ms']:>8.0f} {r['max_ms']:>8.0f} {r['rows_per_batch']:>10.2f} {r['captures_after_ready']:>8.0f} "
+            f"{own or float('nan'):>10.2f} {r['audio_s_per_s'] / own if own else float('nan'):>13.2f} "
+            f"{r['audio_s_per_s'] / floor if floor else float('nan'):>8.2f}  {r['errors'] or '-'}"
+        )
     if len(servers) > 1:
         names = list(servers)
         print(f"throughput {names[-1]} / {names[0]}: {servers[names[-1]]['rps'] / servers[names[0]]['rps']:.2f}x")
@@ -236,9 +284,11 @@ def main() -> None:
         print(f"matmul floor of the workload: {floor:.1f} audio s/s")
     if "ttfb" in results:
         t = results["ttfb"]
-        print(f"long text: whole {t['whole_ms']:.0f} ms, stream's first byte {t['stream_first_byte_ms']:.0f} ms, "
-              f"its first chunk alone {t['first_chunk_alone_ms']:.0f} ms "
-              f"({t['stream_first_byte_ms'] / t['first_chunk_alone_ms']:.2f}x)")
+        print(
+            f"long text: whole {t['whole_ms']:.0f} ms, stream's first byte {t['stream_first_byte_ms']:.0f} ms, "
+            f"its first chunk alone {t['first_chunk_alone_ms']:.0f} ms "
+            f"({t['stream_first_byte_ms'] / t['first_chunk_alone_ms']:.2f}x)"
+        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

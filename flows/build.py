@@ -89,13 +89,13 @@ def build_engine_flow(
     revision: str = "main",
     checkpoint: str | None = None,
     synthetic: bool = False,
-    backends: list[str] = ["eager"],  # noqa: B006 (Prefect copies parameters per run)
-    dtypes: list[DType] = ["fp32", "fp16"],  # noqa: B006
+    backends: list[str] = ["eager"],  # Prefect copies parameters per run
+    dtypes: list[DType] = ["fp32", "fp16"],
     nfe: int = 32,
     schedule: Schedule = "uniform",
-    bench_lengths: list[int] = [250, 500],  # noqa: B006
+    bench_lengths: list[int] = [250, 500],
     parity: ParityConfig = ParityConfig(),
-    build_flags: dict[str, Any] = {},  # noqa: B006
+    build_flags: dict[str, Any] = {},
 ) -> BuildSummary:
     """Build IndicF5 inference engines from a HuggingFace revision or a local snapshot.
 
@@ -116,8 +116,18 @@ def build_engine_flow(
     with tracking_lock(Settings()):  # builds started together find, or create, one parent run
         mlflow_run = start_build_run(started=time.time())
     try:
-        summary = _build(mlflow_run, repo_id, revision, checkpoint, synthetic, list(product(backends, dtypes)), nfe,
-                         BenchmarkConfig(lengths=bench_lengths, nfe=nfe, schedule=schedule), parity, build_flags)
+        summary = _build(
+            mlflow_run,
+            repo_id,
+            revision,
+            checkpoint,
+            synthetic,
+            list(product(backends, dtypes)),
+            nfe,
+            BenchmarkConfig(lengths=bench_lengths, nfe=nfe, schedule=schedule),
+            parity,
+            build_flags,
+        )
     except StageFailed as e:  # a stage every branch needs: the build ends here, saying which and why
         end_build_run(mlflow_run, None, str(e))
         return Failed(message=str(e), data=e)
@@ -132,9 +142,18 @@ def build_engine_flow(
     return Completed(message=f"registered: MLflow run {summary.mlflow_run_id}", data=summary)
 
 
-def _build(mlflow_run: str, repo_id: str, revision: str, checkpoint: str | None, synthetic: bool,
-           pairs: list[tuple[str, DType]], nfe: int, bench_config: BenchmarkConfig, parity: ParityConfig,
-           build_flags: dict[str, Any]) -> BuildSummary:
+def _build(
+    mlflow_run: str,
+    repo_id: str,
+    revision: str,
+    checkpoint: str | None,
+    synthetic: bool,
+    pairs: list[tuple[str, DType]],
+    nfe: int,
+    bench_config: BenchmarkConfig,
+    parity: ParityConfig,
+    build_flags: dict[str, Any],
+) -> BuildSummary:
     """The stages, in order; a branch that fails is noted in the summary and the others go on."""
     stages = Stages(total=int(synthetic) + 4 + 4 * len(pairs) + 1)
     if synthetic:
@@ -154,20 +173,39 @@ def _build(mlflow_run: str, repo_id: str, revision: str, checkpoint: str | None,
             continue
         try:
             convert = stages.run(convert_checkpoint, f"{name}/convert_checkpoint", export, backend, dtype)
-            engine = stages.run(build_engine, f"{name}/build_engine", convert, export, backend, dtype, build_flags, environment)
+            engine = stages.run(
+                build_engine, f"{name}/build_engine", convert, export, backend, dtype, build_flags, environment
+            )
             verify = stages.run(verify_parity, f"{name}/verify_parity", engine, export, parity, environment.device)
             bench = stages.run(benchmark, f"{name}/benchmark", engine, bench_config, environment)
         except StageFailed as e:  # the branch fails; the others go on
             branches.append(BranchSummary(backend=backend, dtype=dtype, error=f"{e.stage.split('/')[-1]}: {e.error}"))
             continue
-        records.append(BranchRecord(backend=backend, dtype=dtype, convert=convert, engine=engine, verify=verify, benchmark=bench))
-        branches.append(BranchSummary(backend=backend, dtype=dtype, engine=engine.path, parity_rel_l2=verify.info["worst_rel_l2"],
-                                      e2e_p50_ms={n: v["e2e_p50_ms"] for n, v in bench.info["summary"].items()}))
+        records.append(
+            BranchRecord(backend=backend, dtype=dtype, convert=convert, engine=engine, verify=verify, benchmark=bench)
+        )
+        branches.append(
+            BranchSummary(
+                backend=backend,
+                dtype=dtype,
+                engine=engine.path,
+                parity_rel_l2=verify.info["worst_rel_l2"],
+                e2e_p50_ms={n: v["e2e_p50_ms"] for n, v in bench.info["summary"].items()},
+            )
+        )
 
     failures = {f"{b.backend}-{b.dtype}": b.error for b in branches if b.error}
     with tracking_lock(Settings()):
-        run_id = stages.run(register, "register", mlflow_run, source, environment, snapshot, export, records, failures, nfe)
+        run_id = stages.run(
+            register, "register", mlflow_run, source, environment, snapshot, export, records, failures, nfe
+        )
     update_progress_artifact(stages.progress, 100.0, stages.description())
     settings = Settings()
-    return BuildSummary(source=source, stages=stages.states, branches=branches, mlflow_run_id=run_id,
-                        tracking_uri=settings.tracking_uri, mlflow_run_url=run_url(settings, run_id))
+    return BuildSummary(
+        source=source,
+        stages=stages.states,
+        branches=branches,
+        mlflow_run_id=run_id,
+        tracking_uri=settings.tracking_uri,
+        mlflow_run_url=run_url(settings, run_id),
+    )

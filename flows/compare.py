@@ -17,6 +17,10 @@ def compare_engines_flow(repo_id: str | None = None, revision: str | None = None
         revision: Commit sha of the builds to compare.
     """
     comparison = record_comparison(compare_engines(repo_id, revision))
-    get_run_logger().info("champion %s (model version %s); the table is the artifact engine-comparison, MLflow run %s",
-                          comparison.champion, comparison.champion_version, comparison.run_id)
+    get_run_logger().info(
+        "champion %s (model version %s); the table is the artifact engine-comparison, MLflow run %s",
+        comparison.champion,
+        comparison.champion_version,
+        comparison.run_id,
+    )
     return comparison

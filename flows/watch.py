@@ -33,8 +33,12 @@ class WatchResult(BaseModel):
 
 
 @flow(name="watch-revisions", log_prints=True)
-def watch_revisions_flow(repo_id: str = DEFAULT_REPO, branch: str = "main", build_deployment: str = BUILD_DEPLOYMENT,
-                         build_parameters: dict[str, Any] = {}) -> WatchResult:  # noqa: B006
+def watch_revisions_flow(
+    repo_id: str = DEFAULT_REPO,
+    branch: str = "main",
+    build_deployment: str = BUILD_DEPLOYMENT,
+    build_parameters: dict[str, Any] = {},
+) -> WatchResult:
     """Trigger a build of the newest commit of a HuggingFace branch unless it is built or building.
 
     Args:

@@ -44,8 +44,10 @@ def read_audio(path: str | Path, max_seconds: float | None = None) -> tuple[np.n
     try:
         info = sf.info(str(path))
         if max_seconds is not None and info.duration > max_seconds:
-            raise AudioTooLong(f"audio {path} lasts {info.duration:.1f} s; references are limited to {max_seconds:g} s "
-                               f"(the first {MAX_REF_MS / 1000:g} s of speech are used): cut it shorter")
+            raise AudioTooLong(
+                f"audio {path} lasts {info.duration:.1f} s; references are limited to {max_seconds:g} s "
+                f"(the first {MAX_REF_MS / 1000:g} s of speech are used): cut it shorter"
+            )
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise InputError(f"cannot read audio {path}: {e}. Give a WAV, FLAC, OGG or MP3 file") from None
@@ -62,10 +64,20 @@ def pcm16(samples: np.ndarray) -> np.ndarray:
 def wav_stream_header(rate: int) -> bytes:
     """The 44-byte header of a 16-bit mono WAV whose length is not known yet (a stream): the RIFF
     and data sizes are 0xFFFFFFFF, which readers take as "until the end"."""
-    return (b"RIFF" + (0xFFFFFFFF).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
-            + (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + rate.to_bytes(4, "little")
-            + (2 * rate).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
-            + b"data" + (0xFFFFFFFF).to_bytes(4, "little"))
+    return (
+        b"RIFF"
+        + (0xFFFFFFFF).to_bytes(4, "little")
+        + b"WAVEfmt "
+        + (16).to_bytes(4, "little")
+        + (1).to_bytes(2, "little")
+        + (1).to_bytes(2, "little")
+        + rate.to_bytes(4, "little")
+        + (2 * rate).to_bytes(4, "little")
+        + (2).to_bytes(2, "little")
+        + (16).to_bytes(2, "little")
+        + b"data"
+        + (0xFFFFFFFF).to_bytes(4, "little")
+    )
 
 
 def audio_bytes(samples: np.ndarray, rate: int, container: str = "WAV") -> bytes:
@@ -145,8 +157,9 @@ class _Loudness:
             return np.where(power > 0, 20 * np.log10(np.sqrt(power) + _EPS), -np.inf)
 
 
-def nonsilent_ranges(loudness: _Loudness, min_silence_ms: int, thresh_db: float,
-                     seek_ms: int = 10) -> list[tuple[int, int]]:
+def nonsilent_ranges(
+    loudness: _Loudness, min_silence_ms: int, thresh_db: float, seek_ms: int = 10
+) -> list[tuple[int, int]]:
     """[start, end) millisecond ranges between silences (slices of min_silence_ms at most thresh_db,
     tried every seek_ms and at the very end)."""
     last = loudness.ms - min_silence_ms
@@ -171,8 +184,9 @@ def nonsilent_ranges(loudness: _Loudness, min_silence_ms: int, thresh_db: float,
     return ranges
 
 
-def _split_on_silence(loudness: _Loudness, min_silence_ms: int, thresh_db: float,
-                      keep_ms: int) -> list[tuple[int, int]]:
+def _split_on_silence(
+    loudness: _Loudness, min_silence_ms: int, thresh_db: float, keep_ms: int
+) -> list[tuple[int, int]]:
     """Non-silent millisecond ranges widened by keep_ms of their silence; overlaps split in the middle."""
     ranges = [[s - keep_ms, e + keep_ms] for s, e in nonsilent_ranges(loudness, min_silence_ms, thresh_db)]
     for prev, nxt in zip(ranges, ranges[1:]):
@@ -239,9 +253,11 @@ def prepare_reference(path: str | Path, target_rms: float, mel: MelConfig = MelC
     audio, rate = read_audio(path, MAX_REF_FILE_S)
     clipped = clip_reference(audio, rate)
     if audio.shape[1] > MAX_REF_MS * rate / 1000:  # (clipping also shortens long silences in shorter clips)
-        warnings.warn(f"reference audio {Path(path).name} lasts {audio.shape[1] / rate:.2f} s; "
-                      f"{clipped.shape[1] / rate:.2f} s of it are kept "
-                      f"(references are clipped to {MAX_REF_MS / 1000:g} s)")
+        warnings.warn(
+            f"reference audio {Path(path).name} lasts {audio.shape[1] / rate:.2f} s; "
+            f"{clipped.shape[1] / rate:.2f} s of it are kept "
+            f"(references are clipped to {MAX_REF_MS / 1000:g} s)"
+        )
     audio = trim_silence_edges(clipped, rate)
     seconds = audio.shape[1] / rate
     wave = torch.from_numpy(audio).mean(dim=0, keepdim=True)
@@ -261,8 +277,15 @@ class MelSpectrogram(torch.nn.Module):
     def __init__(self, mel: MelConfig = MelConfig()):
         super().__init__()
         self.transform = torchaudio.transforms.MelSpectrogram(
-            sample_rate=mel.sample_rate, n_fft=mel.n_fft, win_length=mel.win_length,
-            hop_length=mel.hop_length, n_mels=mel.n_mels, power=1, center=True, normalized=False, norm=None,
+            sample_rate=mel.sample_rate,
+            n_fft=mel.n_fft,
+            win_length=mel.win_length,
+            hop_length=mel.hop_length,
+            n_mels=mel.n_mels,
+            power=1,
+            center=True,
+            normalized=False,
+            norm=None,
         )
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
@@ -289,10 +312,12 @@ class CrossFade:
                 joined = np.concatenate([self.tail, wave])
             else:
                 ramp = np.linspace(0.0, 1.0, n, dtype=self.tail.dtype)
-                kept = self.tail[:len(self.tail) - n]
-                joined = np.concatenate([kept, self.tail[len(self.tail) - n:] * (1 - ramp) + wave[:n] * ramp, wave[n:]])
+                kept = self.tail[: len(self.tail) - n]
+                joined = np.concatenate(
+                    [kept, self.tail[len(self.tail) - n :] * (1 - ramp) + wave[:n] * ramp, wave[n:]]
+                )
         hold = min(max(self.fade, 0), len(joined))  # what the next chunk may still fade
-        out, self.tail = joined[:len(joined) - hold], joined[len(joined) - hold:]
+        out, self.tail = joined[: len(joined) - hold], joined[len(joined) - hold :]
         return out
 
     def close(self) -> np.ndarray:

@@ -74,8 +74,15 @@ def _timed(fn: Callable[[], object], device: str, warmup: int, repeats: int, wha
 
 
 @torch.inference_mode()
-def benchmark_engine(engine: FlowModel, vocoder: torch.nn.Module, dtype: DType, vocab_size: int, device: str,
-                     config: BenchmarkConfig = BenchmarkConfig(), mel: MelConfig = MelConfig()) -> BenchmarkReport:
+def benchmark_engine(
+    engine: FlowModel,
+    vocoder: torch.nn.Module,
+    dtype: DType,
+    vocab_size: int,
+    device: str,
+    config: BenchmarkConfig = BenchmarkConfig(),
+    mel: MelConfig = MelConfig(),
+) -> BenchmarkReport:
     torch_dtype = state_dtype(engine, TORCH_DTYPES[dtype])
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -87,23 +94,39 @@ def benchmark_engine(engine: FlowModel, vocoder: torch.nn.Module, dtype: DType, 
         full_cond = torch.nn.functional.pad(cond, (0, 0, 0, n - ref_frames)).to(torch_dtype)
         velocity = GuidedVelocity.prepare(engine, full_cond, text, 2.0, [n])
         t = torch.tensor(0.5, device=device)
-        run_loop = lambda: sample(engine, cond, text, [n], nfe=config.nfe, schedule=config.schedule,  # noqa: E731
-                                  seed=config.seed, dtype=torch_dtype)
+
+        def run_loop(n=n, cond=cond, text=text):
+            return sample(
+                engine, cond, text, [n], nfe=config.nfe, schedule=config.schedule, seed=config.seed, dtype=torch_dtype
+            )
+
         generated = run_loop()[:, ref_frames:].transpose(1, 2)
-        vocode = lambda: decode(vocoder, generated)  # noqa: E731
-        end_to_end = lambda: decode(vocoder, run_loop()[:, ref_frames:].transpose(1, 2))  # noqa: E731
+        vocode = lambda: decode(vocoder, generated)
+        end_to_end = lambda: decode(vocoder, run_loop()[:, ref_frames:].transpose(1, 2))
         w, r = config.warmup, config.repeats
         e2e = _timed(end_to_end, device, w, r, f"{at}: end to end")
         audio_seconds = (n - ref_frames) * mel.hop_length / mel.sample_rate
-        results.append(LengthResult(
-            frames=n, audio_seconds=audio_seconds,
-            step=_timed(lambda: velocity(x.to(torch_dtype), t), device, w, r, f"{at}: step"),
-            loop=_timed(run_loop, device, w, r, f"{at}: loop"), vocoder=_timed(vocode, device, w, r, f"{at}: vocoder"),
-            end_to_end=e2e,
-            rtf=e2e.p50_ms / 1e3 / audio_seconds))
+        results.append(
+            LengthResult(
+                frames=n,
+                audio_seconds=audio_seconds,
+                step=_timed(lambda: velocity(x.to(torch_dtype), t), device, w, r, f"{at}: step"),
+                loop=_timed(run_loop, device, w, r, f"{at}: loop"),
+                vocoder=_timed(vocode, device, w, r, f"{at}: vocoder"),
+                end_to_end=e2e,
+                rtf=e2e.p50_ms / 1e3 / audio_seconds,
+            )
+        )
     if device.startswith("cuda"):
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
-    return BenchmarkReport(device=device, dtype=dtype, nfe=config.nfe, schedule=config.schedule, results=results,
-                           peak_memory_mb=peak, peak_memory_kind=kind)
+    return BenchmarkReport(
+        device=device,
+        dtype=dtype,
+        nfe=config.nfe,
+        schedule=config.schedule,
+        results=results,
+        peak_memory_mb=peak,
+        peak_memory_kind=kind,
+    )

@@ -58,11 +58,17 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             return raw
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
-            raise InputError(f"checkpoint {path} holds Python objects besides tensors and was refused "
-                             "(.pt files load with weights_only=True): save a plain state dict") from None
-        raise InputError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}): download it again") from None
+            raise InputError(
+                f"checkpoint {path} holds Python objects besides tensors and was refused "
+                "(.pt files load with weights_only=True): save a plain state dict"
+            ) from None
+        raise InputError(
+            f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}): download it again"
+        ) from None
     except (SafetensorError, RuntimeError, EOFError, OSError) as e:
-        raise InputError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}): download it again") from None
+        raise InputError(
+            f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}): download it again"
+        ) from None
     raise InputError(f"unsupported checkpoint file {path.name}: expected .safetensors or .pt")
 
 
@@ -89,8 +95,10 @@ def infer_config(state: dict[str, torch.Tensor], config_json: dict | None = None
         ff_hidden = state["transformer_blocks.0.ff.ff.0.0.weight"].shape[0]
         mel_dim = state["proj_out.weight"].shape[0]
     except KeyError as e:
-        raise InputError(f"not an F5-TTS DiT checkpoint: it has no {e.args[0]!r} (keys seen: {', '.join(sorted(state)[:5])}, ...)") from None
-    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})  # noqa: E731
+        raise InputError(
+            f"not an F5-TTS DiT checkpoint: it has no {e.args[0]!r} (keys seen: {', '.join(sorted(state)[:5])}, ...)"
+        ) from None
+    count = lambda prefix: len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
     config_json = config_json or {}
     if "rotary_embed.inv_freq" in state:
         dim_head = 2 * state["rotary_embed.inv_freq"].shape[0]
@@ -98,9 +106,15 @@ def infer_config(state: dict[str, torch.Tensor], config_json: dict | None = None
         dim_head = int(config_json.get("dim_head", 64))
     try:
         return ModelConfig(
-            dim=dim, depth=count("transformer_blocks."), heads=dim // dim_head, dim_head=dim_head,
-            ff_mult=ff_hidden // dim, text_dim=text_dim, conv_layers=count("text_embed.text_blocks."),
-            mel_dim=mel_dim, text_num_embeds=vocab_rows - 1,
+            dim=dim,
+            depth=count("transformer_blocks."),
+            heads=dim // dim_head,
+            dim_head=dim_head,
+            ff_mult=ff_hidden // dim,
+            text_dim=text_dim,
+            conv_layers=count("text_embed.text_blocks."),
+            mel_dim=mel_dim,
+            text_num_embeds=vocab_rows - 1,
         )
     except ValueError as e:
         raise InputError(f"checkpoint sizes are inconsistent: {e}") from None
@@ -115,9 +129,16 @@ def validate(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, t
         state[key] = rope_inv_freq(config.dim_head)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    misshapen = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in sorted(expected.keys() & state.keys()) if tuple(state[k].shape) != expected[k]]
-    problems = [f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
-                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if items]
+    misshapen = [
+        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        for k in sorted(expected.keys() & state.keys())
+        if tuple(state[k].shape) != expected[k]
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+        if items
+    ]
     if problems:
         raise InputError("checkpoint does not match IndicF5's DiT architecture: " + "; ".join(problems))
     check_finite(state, "checkpoint")
@@ -128,8 +149,10 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     """Weights holding NaN or Inf would synthesise silence without a word: refuse them, naming the tensors."""
     bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if bad:
-        raise InputError(f"{what} weights hold NaN or Inf in {len(bad)} tensor(s): {', '.join(bad[:8])}"
-                         f"{' ...' if len(bad) > 8 else ''}: the file is damaged; download or export it again")
+        raise InputError(
+            f"{what} weights hold NaN or Inf in {len(bad)} tensor(s): {', '.join(bad[:8])}"
+            f"{' ...' if len(bad) > 8 else ''}: the file is damaged; download or export it again"
+        )
 
 
 def load_checkpoint(path: str | Path, vocab_path: str | Path | None = None) -> Checkpoint:
@@ -157,7 +180,10 @@ def load_checkpoint(path: str | Path, vocab_path: str | Path | None = None) -> C
         check_finite(vocoder, "the bundled vocoder's")
     vocab = Vocab.load(vocab_path)
     if len(vocab) != config.text_num_embeds:
-        raise InputError(f"vocab.txt has {len(vocab)} entries but the checkpoint's text embedding expects {config.text_num_embeds}: wrong vocab.txt for this model")
+        raise InputError(
+            f"vocab.txt has {len(vocab)} entries but the checkpoint's text embedding expects {config.text_num_embeds}: "
+            "wrong vocab.txt for this model"
+        )
     return Checkpoint(config, transformer, vocoder or None, vocab, path)
 
 
@@ -187,8 +213,11 @@ def export_transformer(snapshot: str | Path, out: Path) -> dict:
     (out / EXPORT_VOCAB).write_text("".join(c + "\n" for c in ckpt.vocab.chars), encoding="utf-8")
     if ckpt.vocoder:
         save_file({k: v.contiguous() for k, v in ckpt.vocoder.items()}, str(out / EXPORT_VOCODER))
-    return {"model": ckpt.config.model_dump(), "parameters": sum(v.numel() for v in ckpt.transformer.values()),
-            "vocoder_bundled": bool(ckpt.vocoder)}
+    return {
+        "model": ckpt.config.model_dump(),
+        "parameters": sum(v.numel() for v in ckpt.transformer.values()),
+        "vocoder_bundled": bool(ckpt.vocoder),
+    }
 
 
 def load_export(export_dir: Path) -> Checkpoint:

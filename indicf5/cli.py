@@ -19,7 +19,9 @@ from pydantic import BaseModel, ValidationError
 
 from indicf5.errors import InputError
 
-SCHEDULE_HELP = "time grid: uniform (IndicF5's), or epss (f5-tts 1.1's for 5, 6, 7, 10, 12, 16 steps; uniform otherwise)"
+SCHEDULE_HELP = (
+    "time grid: uniform (IndicF5's), or epss (f5-tts 1.1's for 5, 6, 7, 10, 12, 16 steps; uniform otherwise)"
+)
 
 
 def _validated(model: type[BaseModel], options: dict[str, str] | None = None, **values) -> BaseModel:
@@ -43,10 +45,25 @@ def _make_synthetic(args) -> None:
     from indicf5.config import ModelConfig
     from indicf5.synthetic import make_synthetic
 
-    _validated(ModelConfig, dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim // max(args.heads, 1),
-               text_dim=args.text_dim, conv_layers=args.conv_layers)
-    out = make_synthetic(args.dir, dim=args.dim, depth=args.depth, heads=args.heads, text_dim=args.text_dim,
-                         conv_layers=args.conv_layers, seed=args.seed, replace=args.force)
+    _validated(
+        ModelConfig,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        dim_head=args.dim // max(args.heads, 1),
+        text_dim=args.text_dim,
+        conv_layers=args.conv_layers,
+    )
+    out = make_synthetic(
+        args.dir,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        text_dim=args.text_dim,
+        conv_layers=args.conv_layers,
+        seed=args.seed,
+        replace=args.force,
+    )
     print(f"synthetic IndicF5 snapshot: {out}")
     print(f"  reference: {out / 'reference.wav'} ({(out / 'reference.txt').read_text().strip()})")
 
@@ -71,8 +88,15 @@ def _synth(args) -> None:
     from indicf5.config import SamplingConfig, check_device
     from indicf5.synth import Synthesizer
 
-    sampling = _validated(SamplingConfig, {"cfg_strength": "--cfg"}, nfe=args.nfe, cfg_strength=args.cfg,
-                          speed=args.speed, seed=args.seed, schedule=args.schedule)
+    sampling = _validated(
+        SamplingConfig,
+        {"cfg_strength": "--cfg"},
+        nfe=args.nfe,
+        cfg_strength=args.cfg,
+        speed=args.speed,
+        seed=args.seed,
+        schedule=args.schedule,
+    )
     try:
         check_device(args.device)
     except ValueError as e:
@@ -87,14 +111,18 @@ def _synth(args) -> None:
     if args.engine:
         synth = Synthesizer.from_engine(args.engine, device=args.device, vocoder_dir=args.vocoder)
     else:
-        synth = Synthesizer.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, vocab=args.vocab,
-                                            vocoder_dir=args.vocoder)
+        synth = Synthesizer.from_checkpoint(
+            args.checkpoint, device=args.device, dtype=args.dtype, vocab=args.vocab, vocoder_dir=args.vocoder
+        )
     if args.stream:
         _stream(synth, args, ref_text, sampling)
         return
     speech = synth.synthesize(args.text, args.ref_audio, ref_text, sampling, progress=True)
     write_wav(args.out, speech.wave, speech.sample_rate)
-    print(f"{args.out}: {len(speech.wave) / speech.sample_rate:.2f} s at {speech.sample_rate} Hz, {len(speech.chunks)} chunk(s)")
+    print(
+        f"{args.out}: {len(speech.wave) / speech.sample_rate:.2f} s at {speech.sample_rate} Hz, "
+        f"{len(speech.chunks)} chunk(s)"
+    )
 
 
 def _build(args) -> int:
@@ -110,10 +138,18 @@ def _build(args) -> int:
     from indicf5.parity import ParityConfig
     from indicf5.settings import Settings
 
-    params = dict(repo_id=args.repo_id, revision=args.revision, checkpoint=args.checkpoint, synthetic=args.synthetic,
-                  backends=args.backend or ["eager"], dtypes=args.dtype or ["fp32", "fp16"], nfe=args.nfe,
-                  schedule=args.schedule, bench_lengths=args.bench_lengths,
-                  parity=ParityConfig(nfe=args.parity_nfe, schedule=args.schedule))
+    params = dict(
+        repo_id=args.repo_id,
+        revision=args.revision,
+        checkpoint=args.checkpoint,
+        synthetic=args.synthetic,
+        backends=args.backend or ["eager"],
+        dtypes=args.dtype or ["fp32", "fp16"],
+        nfe=args.nfe,
+        schedule=args.schedule,
+        bench_lengths=args.bench_lengths,
+        parity=ParityConfig(nfe=args.parity_nfe, schedule=args.schedule),
+    )
     start_prefect_api()
     state = build_engine_flow(**params, return_state=True)
     outcome = state.result(raise_on_failure=False)
@@ -129,11 +165,16 @@ def _build(args) -> int:
         if b.error:
             print(f"  {b.backend:8} {b.dtype}: FAILED {b.error}")
         else:
-            print(f"  {b.backend:8} {b.dtype}: engine {b.engine}  (parity relL2 {b.parity_rel_l2:.1e}; manifest {b.engine}/manifest.json)")
+            print(
+                f"  {b.backend:8} {b.dtype}: engine {b.engine}  (parity relL2 {b.parity_rel_l2:.1e}; "
+                f"manifest {b.engine}/manifest.json)"
+            )
     print("  stages: " + ", ".join(f"{k}={v}" for k, v in summary.stages.items()))
     print(f"MLflow run {summary.mlflow_run_id} in {summary.tracking_uri}")
     print(f"  open it:   mlflow ui --backend-store-uri {settings.tracking_uri}   (then http://127.0.0.1:5000)")
-    print("  Prefect:   prefect server start   (then http://127.0.0.1:4200; set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    print(
+        "  Prefect:   prefect server start   (then http://127.0.0.1:4200; set PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
     print("             before a build to watch it live)")
     return 1 if summary.failed else 0
 
@@ -158,7 +199,10 @@ def _compare(args) -> None:
 
     comparison = _flow_outcome(compare_engines_flow, repo_id=args.repo_id, revision=args.revision)
     print(comparison.markdown())
-    print(f"\nMLflow run {comparison.run_id}: comparison.md, comparison.png; alias champion -> version {comparison.champion_version}")
+    print(
+        f"\nMLflow run {comparison.run_id}: comparison.md, comparison.png; "
+        f"alias champion -> version {comparison.champion_version}"
+    )
 
 
 def _watch(args) -> None:
@@ -188,8 +232,17 @@ def _serve(args) -> int:
 
     from indicf5.serve.app import ServerConfig, create_app
 
-    overrides = {k: v for k, v in (("backend", args.backend), ("devices", args.device), ("voices_dir", args.voices_dir),
-                                   ("max_batch_rows", args.max_batch), ("max_queue", args.max_queue)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("backend", args.backend),
+            ("devices", args.device),
+            ("voices_dir", args.voices_dir),
+            ("max_batch_rows", args.max_batch),
+            ("max_queue", args.max_queue),
+        )
+        if v is not None
+    }
     config = _validated(ServerConfig, {"max_batch_rows": "--max-batch", "devices": "--device"}, **overrides)
     if config.backend is not None:
         from indicf5.backends import get_backend
@@ -205,8 +258,10 @@ def _serve(args) -> int:
         config = config.model_copy(update={"backend": backend})
     sock = _listen(args.host, args.port)
     if config.api_key is None and not _is_loopback(args.host):
-        warnings.warn(f"serving on {args.host} without an API key: anyone who reaches it can add and delete voices; "
-                      "set TTS_API_KEY to require Authorization: Bearer <key>")
+        warnings.warn(
+            f"serving on {args.host} without an API key: anyone who reaches it can add and delete voices; "
+            "set TTS_API_KEY to require Authorization: Bearer <key>"
+        )
     app = create_app(engine_dir, config)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
     engine = app.state.engine
@@ -223,7 +278,9 @@ def _serve(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="indicf5", description="IndicF5 text-to-speech: reference library and engine builds")
+    p = argparse.ArgumentParser(
+        prog="indicf5", description="IndicF5 text-to-speech: reference library and engine builds"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("make-synthetic", help="write a synthetic IndicF5 snapshot (random weights, real layout)")
@@ -239,14 +296,21 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="speak text in the voice of a reference clip")
     weights = s.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", type=Path, help="snapshot directory or .safetensors/.pt file (reference model)")
-    weights.add_argument("--engine", type=Path, help="a built engine directory (any backend; its dtype is the engine's)")
+    weights.add_argument(
+        "--checkpoint", type=Path, help="snapshot directory or .safetensors/.pt file (reference model)"
+    )
+    weights.add_argument(
+        "--engine", type=Path, help="a built engine directory (any backend; its dtype is the engine's)"
+    )
     s.add_argument("--text", required=True)
     s.add_argument("--ref-audio", required=True, type=Path)
     s.add_argument("--ref-text", help="transcript of the reference (default: the .txt beside --ref-audio)")
     s.add_argument("--out", required=True, type=Path, help="the WAV to write; with --stream, - writes to stdout")
-    s.add_argument("--stream", action="store_true",
-                   help="write the audio as each text chunk is rendered (a WAV with a streaming header; the same samples)")
+    s.add_argument(
+        "--stream",
+        action="store_true",
+        help="write the audio as each text chunk is rendered (a WAV with a streaming header; the same samples)",
+    )
     s.add_argument("--vocab", type=Path, help="vocab.txt, when --checkpoint is a single file")
     s.add_argument("--vocoder", type=Path, help="local vocos directory, when the checkpoint bundles no vocoder")
     s.add_argument("--nfe", type=int, default=32)
@@ -258,14 +322,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.set_defaults(run=_synth)
 
-    s = sub.add_parser("build", help="build engines: resolve, download, export, convert, build, verify, benchmark, register")
+    s = sub.add_parser(
+        "build", help="build engines: resolve, download, export, convert, build, verify, benchmark, register"
+    )
     source = s.add_mutually_exclusive_group()
     source.add_argument("--synthetic", action="store_true", help="the embedded synthetic snapshot (no hub)")
     source.add_argument("--checkpoint", help="a local IndicF5 snapshot directory")
     source.add_argument("--repo-id", default="ai4bharat/IndicF5")
     s.add_argument("--revision", default="main", help="branch, tag or commit sha")
     s.add_argument("--backend", action="append", help="eager, compiled, trtllm (repeatable; default eager)")
-    s.add_argument("--dtype", action="append", choices=["fp32", "fp16", "bf16"], help="repeatable; default fp32 and fp16")
+    s.add_argument(
+        "--dtype", action="append", choices=["fp32", "fp16", "bf16"], help="repeatable; default fp32 and fp16"
+    )
     s.add_argument("--nfe", type=int, default=32)
     s.add_argument("--schedule", choices=["uniform", "epss"], default="uniform", help=SCHEDULE_HELP)
     s.add_argument("--bench-lengths", type=int, nargs="+", default=[250, 500], metavar="FRAMES")
@@ -283,13 +351,20 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_watch)
 
     s = sub.add_parser("serve", help="HTTP text-to-speech server over a built engine (FastAPI; docs at /docs)")
-    s.add_argument("--engine", default="champion",
-                   help="engine directory, MLflow engine run id, alias of the registered model (default champion), "
-                        "or MLflow model URI (models:/..., runs:/...); one not on this machine is downloaded")
-    s.add_argument("--backend", help="eager (the PyTorch path), compiled or trtllm; default the engine's own (env TTS_BACKEND)")
+    s.add_argument(
+        "--engine",
+        default="champion",
+        help="engine directory, MLflow engine run id, alias of the registered model (default champion), "
+        "or MLflow model URI (models:/..., runs:/...); one not on this machine is downloaded",
+    )
+    s.add_argument(
+        "--backend", help="eager (the PyTorch path), compiled or trtllm; default the engine's own (env TTS_BACKEND)"
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--device", action="append", help="one inference worker per device (repeatable); default every GPU, else cpu")
+    s.add_argument(
+        "--device", action="append", help="one inference worker per device (repeatable); default every GPU, else cpu"
+    )
     s.add_argument("--voices-dir", type=Path, help="named voices (default $INDICF5_HOME/voices)")
     s.add_argument("--max-batch", type=int, help="utterance chunks per engine batch (default 8)")
     s.add_argument("--max-queue", type=int, help="queued requests before answering 429 (default 64)")

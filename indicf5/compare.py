@@ -51,22 +51,38 @@ class Comparison(BaseModel):
     def rows(self) -> list[dict]:
         """The table, one dict per engine (the Prefect table artifact)."""
         lengths = sorted({n for r in self.results for n in r.p50_ms})
-        return [{"engine": r.label, **{f"p50 ms @{n}": round(r.p50_ms[n], 1) for n in lengths if n in r.p50_ms},
-                 **{f"p95 ms @{n}": round(r.p95_ms[n], 1) for n in lengths if n in r.p95_ms},
-                 **{f"speedup @{n}": round(r.speedup[n], 2) for n in lengths if n in r.speedup},
-                 "parity relL2": f"{r.parity_rel_l2:.2e}", "engine MB": round(r.engine_bytes / 2**20, 1),
-                 "build s": round(r.build_seconds, 1), "champion": r.label == self.champion} for r in self.results]
+        return [
+            {
+                "engine": r.label,
+                **{f"p50 ms @{n}": round(r.p50_ms[n], 1) for n in lengths if n in r.p50_ms},
+                **{f"p95 ms @{n}": round(r.p95_ms[n], 1) for n in lengths if n in r.p95_ms},
+                **{f"speedup @{n}": round(r.speedup[n], 2) for n in lengths if n in r.speedup},
+                "parity relL2": f"{r.parity_rel_l2:.2e}",
+                "engine MB": round(r.engine_bytes / 2**20, 1),
+                "build s": round(r.build_seconds, 1),
+                "champion": r.label == self.champion,
+            }
+            for r in self.results
+        ]
 
     def chart_series(self) -> list[plots.EngineLatency]:
-        return [plots.EngineLatency(r.label, r.p50_ms, r.p95_ms, r.speedup, r.parity_rel_l2, r.label == self.champion)
-                for r in self.results]
+        return [
+            plots.EngineLatency(r.label, r.p50_ms, r.p95_ms, r.speedup, r.parity_rel_l2, r.label == self.champion)
+            for r in self.results
+        ]
 
     def markdown(self) -> str:
         rows = self.rows()
         head = list(rows[0]) if rows else ["engine"]
-        lines = [f"# Engines of `{self.repo_id}` @ `{self.sha[:12]}`", "",
-                 f"Champion: **{self.champion or 'none'}**" + (f" (model version {self.champion_version})" if self.champion_version else ""),
-                 "", "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+        lines = [
+            f"# Engines of `{self.repo_id}` @ `{self.sha[:12]}`",
+            "",
+            f"Champion: **{self.champion or 'none'}**"
+            + (f" (model version {self.champion_version})" if self.champion_version else ""),
+            "",
+            "| " + " | ".join(head) + " |",
+            "| " + " | ".join("---" for _ in head) + " |",
+        ]
         lines += ["| " + " | ".join(str(row.get(h, "-")) for h in head) + " |" for row in rows]
         return "\n".join(lines)
 
@@ -78,12 +94,17 @@ def _by_length(client: MlflowClient, run_id: str, metric: str) -> dict[int, floa
 
 def _result(client: MlflowClient, run: Run) -> EngineResult:
     m, tags = run.data.metrics, run.data.tags
-    return EngineResult(backend=tags[f"{TAG}backend"], dtype=tags[f"{TAG}dtype"], run_id=run.info.run_id,
-                        model_version=tags.get(f"{TAG}model_version"),
-                        parity_rel_l2=m.get("parity_worst_rel_l2", float("nan")), engine_bytes=int(m.get("engine_bytes", 0)),
-                        build_seconds=m.get("build_seconds", 0.0),
-                        p50_ms=_by_length(client, run.info.run_id, "end_to_end_p50_ms"),
-                        p95_ms=_by_length(client, run.info.run_id, "end_to_end_p95_ms"))
+    return EngineResult(
+        backend=tags[f"{TAG}backend"],
+        dtype=tags[f"{TAG}dtype"],
+        run_id=run.info.run_id,
+        model_version=tags.get(f"{TAG}model_version"),
+        parity_rel_l2=m.get("parity_worst_rel_l2", float("nan")),
+        engine_bytes=int(m.get("engine_bytes", 0)),
+        build_seconds=m.get("build_seconds", 0.0),
+        p50_ms=_by_length(client, run.info.run_id, "end_to_end_p50_ms"),
+        p95_ms=_by_length(client, run.info.run_id, "end_to_end_p95_ms"),
+    )
 
 
 def newest_sha(settings: Settings, repo_id: str | None = None) -> str:
@@ -94,8 +115,10 @@ def newest_sha(settings: Settings, repo_id: str | None = None) -> str:
         query += f" and tags.`{TAG}repo_id` = '{repo_id}'"
     runs = MlflowClient().search_runs([experiment], query, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise InputError(f"no build{' of ' + repo_id if repo_id else ''} is registered in MLflow ({settings.tracking_uri}): "
-                         "run indicf5 build first")
+        raise InputError(
+            f"no build{' of ' + repo_id if repo_id else ''} is registered in MLflow ({settings.tracking_uri}): "
+            "run indicf5 build first"
+        )
     return runs[0].data.tags[f"{TAG}sha"]
 
 
@@ -103,8 +126,11 @@ def compare_engines(settings: Settings, sha: str) -> Comparison:
     """The newest engine run of each backend x dtype built from `sha`."""
     experiment = use_tracking(settings)
     client = MlflowClient()
-    runs = client.search_runs([experiment], f"tags.`{TAG}kind` = 'engine' and tags.`{TAG}sha` = '{sha}'",
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [experiment],
+        f"tags.`{TAG}kind` = 'engine' and tags.`{TAG}sha` = '{sha}'",
+        order_by=["attributes.start_time DESC"],
+    )
     if not runs:
         raise InputError(f"no engine built from {sha} is registered in MLflow ({settings.tracking_uri})")
     newest: dict[str, EngineResult] = {}
@@ -132,17 +158,27 @@ def record_comparison(settings: Settings, comparison: Comparison) -> Comparison:
     if version is not None:
         client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
     comparison = comparison.model_copy(update={"champion_version": version})
-    with mlflow.start_run(experiment_id=experiment, run_name=f"compare@{comparison.sha[:10]}",
-                          tags={f"{TAG}kind": "comparison", f"{TAG}sha": comparison.sha, f"{TAG}repo_id": comparison.repo_id,
-                                f"{TAG}champion": comparison.champion or ""}) as run:
+    with mlflow.start_run(
+        experiment_id=experiment,
+        run_name=f"compare@{comparison.sha[:10]}",
+        tags={
+            f"{TAG}kind": "comparison",
+            f"{TAG}sha": comparison.sha,
+            f"{TAG}repo_id": comparison.repo_id,
+            f"{TAG}champion": comparison.champion or "",
+        },
+    ) as run:
         for r in comparison.results:
             for n, speedup in r.speedup.items():
                 mlflow.log_metric(f"speedup_{r.label}", speedup, step=n)
         mlflow.log_table(pd.DataFrame(comparison.rows()), "comparison_table.json")
         with tempfile.TemporaryDirectory() as tmp:
             chart = Path(tmp) / "comparison.png"
-            plots.comparison_chart(comparison.chart_series(), chart,
-                                   f"{comparison.repo_id.split('/')[-1]} @ {comparison.sha[:10]}: end-to-end latency")
+            plots.comparison_chart(
+                comparison.chart_series(),
+                chart,
+                f"{comparison.repo_id.split('/')[-1]} @ {comparison.sha[:10]}: end-to-end latency",
+            )
             mlflow.log_artifact(str(chart))
         comparison = comparison.model_copy(update={"run_id": run.info.run_id})
         mlflow.log_text(comparison.markdown(), "comparison.md")

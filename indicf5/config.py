@@ -46,8 +46,10 @@ class ModelConfig(BaseModel):
     @model_validator(mode="after")
     def _heads_fit(self) -> "ModelConfig":
         if self.heads * self.dim_head != self.dim:
-            raise ValueError(f"heads*dim_head must equal dim, got {self.heads}*{self.dim_head} != {self.dim}: "
-                             "choose heads that divide dim")
+            raise ValueError(
+                f"heads*dim_head must equal dim, got {self.heads}*{self.dim_head} != {self.dim}: "
+                "choose heads that divide dim"
+            )
         return self
 
 
@@ -69,8 +71,11 @@ class SamplingConfig(BaseModel):
     nfe: int = Field(32, ge=1, le=1024, description="Euler steps (number of function evaluations)")
     cfg_strength: float = Field(2.0, ge=0.0, description="classifier-free guidance strength")
     sway_coef: float | None = Field(-1.0, description="sway sampling coefficient; None for a uniform grid")
-    schedule: Schedule = Field("uniform", description="time grid before sway: uniform (IndicF5's), or epss, f5-tts "
-                               "1.1's Empirically Pruned Step Sampling for 5, 6, 7, 10, 12 and 16 steps (uniform otherwise)")
+    schedule: Schedule = Field(
+        "uniform",
+        description="time grid before sway: uniform (IndicF5's), or epss, f5-tts "
+        "1.1's Empirically Pruned Step Sampling for 5, 6, 7, 10, 12 and 16 steps (uniform otherwise)",
+    )
     speed: float = Field(1.0, gt=0.0, description="speech rate; >1 is faster (shorter duration)")
     target_rms: float = Field(0.1, gt=0.0, description="quiet references are raised to this RMS")
     cross_fade_s: float = Field(0.15, ge=0.0, description="cross-fade between text chunks")

@@ -23,8 +23,13 @@ class EnvironmentReport(BaseModel):
     backends: dict[str, str | None]  # backend -> None if it can build here, else the remediation
 
     def versions(self) -> dict[str, str]:
-        return {"python": self.python, "torch": self.torch, "cuda": self.cuda or "none", "gpu": self.gpu or "none",
-                **{k: v or "absent" for k, v in self.packages.items()}}
+        return {
+            "python": self.python,
+            "torch": self.torch,
+            "cuda": self.cuda or "none",
+            "gpu": self.gpu or "none",
+            **{k: v or "absent" for k, v in self.packages.items()},
+        }
 
 
 def package_version(name: str) -> str | None:

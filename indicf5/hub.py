@@ -61,24 +61,33 @@ class SourceRef(BaseModel):
 def classify(e: BaseException, where: str, repo_id: str, revision: str) -> BaseException | None:
     """huggingface_hub's exception -> ours (HubAccessError: fix something; TransientHubError: retry)."""
     if isinstance(e, GatedRepoError):
-        return HubAccessError(f"{repo_id} is gated: accept its terms on its HuggingFace page with your account, "
-                              "then set HF_TOKEN to a token of that account")
+        return HubAccessError(
+            f"{repo_id} is gated: accept its terms on its HuggingFace page with your account, "
+            "then set HF_TOKEN to a token of that account"
+        )
     if isinstance(e, RevisionNotFoundError):
-        return HubAccessError(f"revision {revision!r} not found in {repo_id}: give an existing branch, tag or commit sha")
+        return HubAccessError(
+            f"revision {revision!r} not found in {repo_id}: give an existing branch, tag or commit sha"
+        )
     if isinstance(e, RepositoryNotFoundError):
-        return HubAccessError(f"{repo_id} not found, or private: check the repo id; for a private or gated repo set "
-                              "HF_TOKEN to a token that can read it")
+        return HubAccessError(
+            f"{repo_id} not found, or private: check the repo id; for a private or gated repo set "
+            "HF_TOKEN to a token that can read it"
+        )
     if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
-            return HubAccessError(f"access to {where} refused ({status}): set HF_TOKEN to a token that can read it, "
-                                  "and accept the model's terms on its page")
+            return HubAccessError(
+                f"access to {where} refused ({status}): set HF_TOKEN to a token that can read it, "
+                "and accept the model's terms on its page"
+            )
         if status is None or status >= 500 or status in (408, 429):
             return TransientHubError(f"hub error for {where} ({status})")
         return HubAccessError(f"hub refused {where} ({status}): {str(e).splitlines()[0]}")
     if isinstance(e, httpx2.TransportError):
-        return TransientHubError(f"cannot reach the hub for {where} ({type(e).__name__}): check the network and "
-                                 "HF_ENDPOINT")
+        return TransientHubError(
+            f"cannot reach the hub for {where} ({type(e).__name__}): check the network and HF_ENDPOINT"
+        )
     if isinstance(e, LocalEntryNotFoundError):  # snapshot_download wraps what stopped it
         cause = e.__cause__ or e.__context__
         return classify(cause, where, repo_id, revision) if cause else TransientHubError(f"download of {where} failed")
@@ -104,8 +113,11 @@ def resolve_revision(repo_id: str = DEFAULT_REPO, revision: str = "main") -> Sou
     missing = [f for f in REQUIRED if f not in siblings]
     if missing:
         raise HubAccessError(f"{repo_id}@{info.sha[:12]} lacks {', '.join(missing)}: not an IndicF5 repository")
-    files = {name: FileRef(size=s.size, sha256=s.lfs.sha256 if s.lfs else None, blob_id=s.blob_id)
-             for name, s in siblings.items() if name in WANTED}
+    files = {
+        name: FileRef(size=s.size, sha256=s.lfs.sha256 if s.lfs else None, blob_id=s.blob_id)
+        for name, s in siblings.items()
+        if name in WANTED
+    }
     return SourceRef(kind="hub", repo_id=repo_id, revision=revision, sha=info.sha, files=files)
 
 
@@ -132,8 +144,9 @@ def download_snapshot(ref: SourceRef) -> Path:
     if bad:
         for name in bad:
             (path / name).resolve().unlink(missing_ok=True)
-        raise TransientHubError(f"downloaded {', '.join(bad)} of {ref.repo_id}@{ref.sha[:12]} do not match the hub's "
-                                "hashes; removed")
+        raise TransientHubError(
+            f"downloaded {', '.join(bad)} of {ref.repo_id}@{ref.sha[:12]} do not match the hub's hashes; removed"
+        )
     return path
 
 
@@ -143,11 +156,18 @@ def local_source(path: str | Path) -> SourceRef:
     if path.is_file() and path.name == WEIGHTS_FILE:
         path = path.parent
     if not path.is_dir():
-        raise InputError(f"checkpoint not found: {path} (give a snapshot directory holding {WEIGHTS_FILE} and {VOCAB_FILE})")
+        raise InputError(
+            f"checkpoint not found: {path} (give a snapshot directory holding {WEIGHTS_FILE} and {VOCAB_FILE})"
+        )
     names = [n for n in WANTED if (path / n).is_file()]
     missing = [n for n in REQUIRED if n not in names]
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}: not an IndicF5 snapshot")
     files = {n: FileRef(size=(path / n).stat().st_size, sha256=sha256_file(path / n)) for n in names}
-    return SourceRef(kind="local", repo_id=str(path), revision="local",
-                     sha=stable_hash({n: f.sha256 for n, f in files.items()})[:40], files=files)
+    return SourceRef(
+        kind="local",
+        repo_id=str(path),
+        revision="local",
+        sha=stable_hash({n: f.sha256 for n, f in files.items()})[:40],
+        files=files,
+    )

@@ -40,8 +40,14 @@ BACKEND_EXTRAS = {"trtllm": "trtllm"}  # backends that need an extra of the pack
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "text"), ColSpec("string", "ref_audio"), ColSpec("string", "ref_text")]),
     outputs=Schema([ColSpec("string", "audio")]),
-    params=ParamSchema([ParamSpec("nfe", "integer", 32), ParamSpec("cfg_strength", "double", 2.0),
-                        ParamSpec("speed", "double", 1.0), ParamSpec("seed", "integer", 0)]),
+    params=ParamSchema(
+        [
+            ParamSpec("nfe", "integer", 32),
+            ParamSpec("cfg_strength", "double", 2.0),
+            ParamSpec("speed", "double", 1.0),
+            ParamSpec("seed", "integer", 0),
+        ]
+    ),
 )
 EXAMPLE_PARAMS = {"nfe": 8, "seed": 0}  # a short run: logging checks the example by predicting it
 
@@ -65,8 +71,9 @@ class EngineModel(PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.synth = Synthesizer.from_engine(context.artifacts[ENGINE_ARTIFACT], device=device)
 
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
-                params: dict | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         sampling = SamplingConfig(**(params or {}))  # MLflow fills in the signature's defaults
         audio = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,8 +90,13 @@ def input_example() -> pd.DataFrame:
     from indicf5.stages import SAMPLE_TEXT
     from indicf5.synthetic import REF_TEXT, reference_clip
 
-    return pd.DataFrame({"text": [SAMPLE_TEXT], "ref_audio": [encode_audio(audio_bytes(reference_clip(), 24_000))],
-                         "ref_text": [REF_TEXT]})
+    return pd.DataFrame(
+        {
+            "text": [SAMPLE_TEXT],
+            "ref_audio": [encode_audio(audio_bytes(reference_clip(), 24_000))],
+            "ref_text": [REF_TEXT],
+        }
+    )
 
 
 def pip_requirements(backend: str, version: str) -> list[str]:
@@ -95,10 +107,14 @@ def pip_requirements(backend: str, version: str) -> list[str]:
 
 def log_engine_model(engine_dir: Path, backend: str, version: str) -> ModelInfo:
     """The engine directory as an MLflow model of the active run."""
-    return mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(MODEL_CODE),
-                                   artifacts={ENGINE_ARTIFACT: str(engine_dir)}, signature=SIGNATURE,
-                                   input_example=(input_example(), EXAMPLE_PARAMS),
-                                   pip_requirements=pip_requirements(backend, version))
+    return mlflow.pyfunc.log_model(
+        name=MODEL_NAME,
+        python_model=str(MODEL_CODE),
+        artifacts={ENGINE_ARTIFACT: str(engine_dir)},
+        signature=SIGNATURE,
+        input_example=(input_example(), EXAMPLE_PARAMS),
+        pip_requirements=pip_requirements(backend, version),
+    )
 
 
 def engine_dir_of(model_dir: Path) -> Path | None:

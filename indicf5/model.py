@@ -138,7 +138,7 @@ class ConvPositionEmbedding(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int = 31, groups: int = 16):
         super().__init__()
-        conv = lambda: nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=kernel_size // 2)  # noqa: E731
+        conv = lambda: nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=kernel_size // 2)
         self.conv1d = nn.Sequential(conv(), nn.Mish(), conv(), nn.Mish())
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,7 +233,11 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int):
         super().__init__()
         # nested so the names read ff.0.0 / ff.2 as in upstream's checkpoints
-        self.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(approximate="tanh")), nn.Identity(), nn.Linear(dim * mult, dim))
+        self.ff = nn.Sequential(
+            nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(approximate="tanh")),
+            nn.Identity(),
+            nn.Linear(dim * mult, dim),
+        )
 
     def forward(self, x):
         return self.ff(x)
@@ -269,7 +273,9 @@ class DiT(nn.Module):
         self.input_embed = InputEmbedding(c.mel_dim, c.text_dim, c.dim)
         self.rotary_embed = nn.Module()
         self.rotary_embed.register_buffer("inv_freq", rope_inv_freq(c.dim_head))  # saved in checkpoints
-        self.transformer_blocks = nn.ModuleList([DiTBlock(c.dim, c.heads, c.dim_head, c.ff_mult) for _ in range(c.depth)])
+        self.transformer_blocks = nn.ModuleList(
+            [DiTBlock(c.dim, c.heads, c.dim_head, c.ff_mult) for _ in range(c.depth)]
+        )
         self.norm_out = AdaLayerNormFinal(c.dim)
         self.proj_out = nn.Linear(c.dim, c.mel_dim)
 
@@ -292,7 +298,9 @@ class DiT(nn.Module):
         h = self.input_embed(x, cond, text_emb, mask)
         rope = rope_angles(x.shape[1], self.rotary_embed.inv_freq)
         scale, shift = condition[-1].unbind(1)
-        norms = [modulation.unbind(1)[:2] for modulation in condition[:-1]] + [(shift, scale)]  # (shift, scale) of each norm
+        norms = [modulation.unbind(1)[:2] for modulation in condition[:-1]] + [
+            (shift, scale)
+        ]  # (shift, scale) of each norm
         normed = modulated_norm(h, *norms[0])
         for block, modulation, next_norm in zip(self.transformer_blocks, condition, norms[1:]):
             h, normed = block(h, normed, modulation, next_norm, rope, mask)

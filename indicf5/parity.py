@@ -23,8 +23,10 @@ class ParityConfig(BaseModel):
     schedule: Schedule = Field("uniform", description="time grid of the full sampling comparison (SamplingConfig)")
     seed: int = 0
     # fp8: an FP8 engine (precision fp8) of either dtype; measured 6.0e-3 on an H200 (docs/performance.md)
-    thresholds: dict[str, float] = Field({"fp32": 1e-4, "fp16": 3e-3, "bf16": 2e-2, "fp8": 1.5e-2},
-                                         description="largest relative L2 error allowed, per dtype (fp8: FP8 engines)")
+    thresholds: dict[str, float] = Field(
+        {"fp32": 1e-4, "fp16": 3e-3, "bf16": 2e-2, "fp8": 1.5e-2},
+        description="largest relative L2 error allowed, per dtype (fp8: FP8 engines)",
+    )
 
 
 class OutputError(BaseModel):
@@ -44,11 +46,17 @@ class ParityReport(BaseModel):
 
     @property
     def passed(self) -> bool:
-        return all(e.finite and e.rel_l2 <= self.threshold for per_len in self.errors.values() for e in per_len.values())
+        return all(
+            e.finite and e.rel_l2 <= self.threshold for per_len in self.errors.values() for e in per_len.values()
+        )
 
     def failures(self) -> list[str]:
-        return [f"{name}@{n} frames: relL2 {e.rel_l2:.2e}{'' if e.finite else ' (NaN/Inf)'}"
-                for n, per_len in self.errors.items() for name, e in per_len.items() if not (e.finite and e.rel_l2 <= self.threshold)]
+        return [
+            f"{name}@{n} frames: relL2 {e.rel_l2:.2e}{'' if e.finite else ' (NaN/Inf)'}"
+            for n, per_len in self.errors.items()
+            for name, e in per_len.items()
+            if not (e.finite and e.rel_l2 <= self.threshold)
+        ]
 
 
 def compare(got: torch.Tensor, want: torch.Tensor) -> OutputError:
@@ -68,8 +76,15 @@ def seeded_inputs(n: int, vocab_size: int, n_mels: int, seed: int):
 
 
 @torch.inference_mode()
-def check_parity(reference: FlowModel, engine: FlowModel, dtype: DType, vocab_size: int, device: str,
-                 config: ParityConfig = ParityConfig(), n_mels: int = 100) -> ParityReport:
+def check_parity(
+    reference: FlowModel,
+    engine: FlowModel,
+    dtype: DType,
+    vocab_size: int,
+    device: str,
+    config: ParityConfig = ParityConfig(),
+    n_mels: int = 100,
+) -> ParityReport:
     errors = {}
     state = state_dtype(engine, TORCH_DTYPES[dtype])
     for i, n in enumerate(config.lengths):
@@ -80,7 +95,9 @@ def check_parity(reference: FlowModel, engine: FlowModel, dtype: DType, vocab_si
         want_v = GuidedVelocity.prepare(reference, full_cond, text, 2.0, [n])(x, t)
         got_v = GuidedVelocity.prepare(engine, full_cond.to(state), text, 2.0, [n])(x.to(state), t)
         want_mel = sample(reference, cond, text, [n], nfe=config.nfe, schedule=config.schedule, seed=config.seed)
-        got_mel = sample(engine, cond, text, [n], nfe=config.nfe, schedule=config.schedule, seed=config.seed, dtype=state)
+        got_mel = sample(
+            engine, cond, text, [n], nfe=config.nfe, schedule=config.schedule, seed=config.seed, dtype=state
+        )
         errors[str(n)] = {"velocity": compare(got_v, want_v), "mel": compare(got_mel, want_mel)}
     fp8 = getattr(getattr(engine, "choice", None), "precision", None) == "fp8"
     return ParityReport(dtype=dtype, threshold=config.thresholds["fp8" if fp8 else dtype], errors=errors)

@@ -64,8 +64,16 @@ def comparison_chart(engines: list[EngineLatency], path: Path, title: str) -> No
         p50 = [e.p50_ms[n] for n in shown]
         whisker = [[0.0] * len(shown), [max(0.0, e.p95_ms.get(n, e.p50_ms[n]) - e.p50_ms[n]) for n in shown]]
         label = f"{'★ ' if e.champion else ''}{e.label} (parity relL2 {e.parity_rel_l2:.1e})"
-        bars = ax.bar(xs, p50, width, yerr=whisker, capsize=3, label=label, hatch="//" if e.champion else None,
-                      edgecolor="black" if e.champion else None)
+        bars = ax.bar(
+            xs,
+            p50,
+            width,
+            yerr=whisker,
+            capsize=3,
+            label=label,
+            hatch="//" if e.champion else None,
+            edgecolor="black" if e.champion else None,
+        )
         ax.bar_label(bars, [f"{e.speedup[n]:.2f}x" if n in e.speedup else "" for n in shown], fontsize=8, padding=2)
     ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(lengths))], [str(n) for n in lengths])
     ax.set_xlabel("total frames (reference + generated)")

@@ -65,7 +65,9 @@ def time_grid(nfe: int, sway_coef: float | None, device=None, schedule: Schedule
     return t
 
 
-def euler(velocity: VelocityFn, x: torch.Tensor, t: torch.Tensor, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+def euler(
+    velocity: VelocityFn, x: torch.Tensor, t: torch.Tensor, on_step: Callable[[], None] | None = None
+) -> torch.Tensor:
     for t0, t1 in zip(t[:-1], t[1:]):
         x = x + (t1 - t0).to(x.dtype) * velocity(x, t0)
         if on_step:

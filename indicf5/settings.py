@@ -11,8 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")
 
-    home: Path = Field(Path("artifacts"), validation_alias="INDICF5_HOME",
-                       description="workspace: artifact store, MLflow sqlite, synthetic snapshot")
+    home: Path = Field(
+        Path("artifacts"),
+        validation_alias="INDICF5_HOME",
+        description="workspace: artifact store, MLflow sqlite, synthetic snapshot",
+    )
     mlflow_tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
     mlflow_experiment: str = Field("indicf5-engines", validation_alias="INDICF5_EXPERIMENT")
 

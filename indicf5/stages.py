@@ -60,8 +60,9 @@ def hashes(manifest: Manifest) -> dict[str, str]:
 
 # --- the synthetic snapshot: ours to make, so a damaged one is made again like any artifact
 
-SYNTHETIC = Stage("synthetic", inputs=lambda: {"code": code_hash(synthetic, model)},
-                  make=lambda out: write_synthetic(out))
+SYNTHETIC = Stage(
+    "synthetic", inputs=lambda: {"code": code_hash(synthetic, model)}, make=lambda out: write_synthetic(out)
+)
 
 
 # --- download: the bytes stay in huggingface_hub's cache (or the local snapshot); the store's
@@ -98,7 +99,12 @@ EXPORT = Stage(
 
 
 def _convert_inputs(export: Manifest, backend: str, dtype: DType) -> dict[str, Any]:
-    return {"export": hashes(export), "backend": backend, "dtype": dtype, "code": code_hash(*get_backend(backend).modules)}
+    return {
+        "export": hashes(export),
+        "backend": backend,
+        "dtype": dtype,
+        "code": code_hash(*get_backend(backend).modules),
+    }
 
 
 def _convert(out: Path, export: Manifest, backend: str, dtype: DType) -> dict[str, Any]:
@@ -110,17 +116,39 @@ def _convert(out: Path, export: Manifest, backend: str, dtype: DType) -> dict[st
 CONVERT = Stage("convert", inputs=_convert_inputs, make=_convert)
 
 
-def _build_inputs(convert: Manifest, export: Manifest, backend: str, dtype: DType, flags: dict[str, Any],
-                  environment: EnvironmentReport) -> dict[str, Any]:
-    return {"convert": hashes(convert), "export": hashes(export), "backend": backend, "dtype": dtype, "flags": flags,
-            "device": environment.device, "gpu": environment.gpu, "torch": environment.torch,
-            "code": code_hash(*get_backend(backend).modules)}
+def _build_inputs(
+    convert: Manifest,
+    export: Manifest,
+    backend: str,
+    dtype: DType,
+    flags: dict[str, Any],
+    environment: EnvironmentReport,
+) -> dict[str, Any]:
+    return {
+        "convert": hashes(convert),
+        "export": hashes(export),
+        "backend": backend,
+        "dtype": dtype,
+        "flags": flags,
+        "device": environment.device,
+        "gpu": environment.gpu,
+        "torch": environment.torch,
+        "code": code_hash(*get_backend(backend).modules),
+    }
 
 
-def _build(out: Path, convert: Manifest, export: Manifest, backend: str, dtype: DType, flags: dict[str, Any],
-           environment: EnvironmentReport) -> dict[str, Any]:
-    spec, info = build_engine(Path(export.path), Path(convert.path), backend, dtype, out, environment.device, flags,
-                              environment.versions())
+def _build(
+    out: Path,
+    convert: Manifest,
+    export: Manifest,
+    backend: str,
+    dtype: DType,
+    flags: dict[str, Any],
+    environment: EnvironmentReport,
+) -> dict[str, Any]:
+    spec, info = build_engine(
+        Path(export.path), Path(convert.path), backend, dtype, out, environment.device, flags, environment.versions()
+    )
     return {"spec": spec.model_dump(), **info}
 
 
@@ -131,8 +159,13 @@ BUILD = Stage("build", inputs=_build_inputs, make=_build)
 
 
 def _verify_inputs(engine: Manifest, export: Manifest, config: ParityConfig, device: str) -> dict[str, Any]:
-    return {"engine": hashes(engine), "export": hashes(export), "config": config.model_dump(), "device": device,
-            "code": code_hash(parity, sampler, model)}
+    return {
+        "engine": hashes(engine),
+        "export": hashes(export),
+        "config": config.model_dump(),
+        "device": device,
+        "code": code_hash(parity, sampler, model),
+    }
 
 
 def _verify(out: Path, engine: Manifest, export: Manifest, config: ParityConfig, device: str) -> dict[str, Any]:
@@ -142,8 +175,10 @@ def _verify(out: Path, engine: Manifest, export: Manifest, config: ParityConfig,
     report = check_parity(reference, model_, spec.dtype, reference_ckpt.config.text_num_embeds, device, config)
     (out / "parity.json").write_text(report.model_dump_json(indent=2))
     if not report.passed:
-        raise ParityError(f"{spec.backend}/{spec.dtype} engine fails parity (threshold {report.threshold:.0e}): "
-                          + "; ".join(report.failures()))
+        raise ParityError(
+            f"{spec.backend}/{spec.dtype} engine fails parity (threshold {report.threshold:.0e}): "
+            + "; ".join(report.failures())
+        )
     return {"worst_rel_l2": report.worst_rel_l2, "threshold": report.threshold}
 
 
@@ -154,8 +189,14 @@ VERIFY = Stage("verify", inputs=_verify_inputs, make=_verify)
 
 
 def _benchmark_inputs(engine: Manifest, config: BenchmarkConfig, environment: EnvironmentReport) -> dict[str, Any]:
-    return {"engine": hashes(engine), "config": config.model_dump(), "device": environment.device,
-            "gpu": environment.gpu, "torch": environment.torch, "code": code_hash(benchmark_module, sampler)}
+    return {
+        "engine": hashes(engine),
+        "config": config.model_dump(),
+        "device": environment.device,
+        "gpu": environment.gpu,
+        "torch": environment.torch,
+        "code": code_hash(benchmark_module, sampler),
+    }
 
 
 def _benchmark(out: Path, engine: Manifest, config: BenchmarkConfig, environment: EnvironmentReport) -> dict[str, Any]:
@@ -165,18 +206,28 @@ def _benchmark(out: Path, engine: Manifest, config: BenchmarkConfig, environment
     report = benchmark_engine(synth.model, synth.vocoder, spec.dtype, spec.model.text_num_embeds, device, config)
     (out / "benchmark.json").write_text(report.model_dump_json(indent=2))
     label = f"{spec.backend} {spec.dtype}"
-    plots.latency_plot({f"{label} end-to-end": ([r.frames for r in report.results], [r.end_to_end.p50_ms for r in report.results]),
-                        f"{label} ODE loop": ([r.frames for r in report.results], [r.loop.p50_ms for r in report.results])},
-                       out / "latency.png", f"{label} on {environment.gpu or 'CPU'}, {config.nfe} NFE")
+    plots.latency_plot(
+        {
+            f"{label} end-to-end": ([r.frames for r in report.results], [r.end_to_end.p50_ms for r in report.results]),
+            f"{label} ODE loop": ([r.frames for r in report.results], [r.loop.p50_ms for r in report.results]),
+        },
+        out / "latency.png",
+        f"{label} on {environment.gpu or 'CPU'}, {config.nfe} NFE",
+    )
     ref_wav = out / "reference.wav"
     write_wav(ref_wav, reference_clip(), 24_000)
-    speech = synth.synthesize(SAMPLE_TEXT, ref_wav, REF_TEXT, SamplingConfig(seed=config.seed, nfe=config.nfe,
-                                                                                   schedule=config.schedule))
+    speech = synth.synthesize(
+        SAMPLE_TEXT, ref_wav, REF_TEXT, SamplingConfig(seed=config.seed, nfe=config.nfe, schedule=config.schedule)
+    )
     ref_wav.unlink()
     write_wav(out / "sample.wav", speech.wave, speech.sample_rate)
     plots.mel_plot(speech.mel, out / "mel.png", f"{label}: generated mel")
-    return {"summary": {str(r.frames): {"e2e_p50_ms": r.end_to_end.p50_ms, "loop_p50_ms": r.loop.p50_ms, "rtf": r.rtf}
-                        for r in report.results}}
+    return {
+        "summary": {
+            str(r.frames): {"e2e_p50_ms": r.end_to_end.p50_ms, "loop_p50_ms": r.loop.p50_ms, "rtf": r.rtf}
+            for r in report.results
+        }
+    }
 
 
 BENCHMARK = Stage("benchmark", inputs=_benchmark_inputs, make=_benchmark)

@@ -159,14 +159,21 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def record_files(root: Path, names: list[str] | None = None) -> dict[str, FileRecord]:
-    names = names if names is not None else sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    names = (
+        names
+        if names is not None
+        else sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    )
     return {n: FileRecord(sha256=sha256_file(root / n), bytes=(root / n).stat().st_size) for n in names}
 
 
 def changed_files(root: Path, records: dict[str, FileRecord]) -> list[str]:
     """The recorded files under `root` that are missing or differ from their record."""
-    return [name for name, rec in records.items()
-            if not (f := root / name).is_file() or f.stat().st_size != rec.bytes or sha256_file(f) != rec.sha256]
+    return [
+        name
+        for name, rec in records.items()
+        if not (f := root / name).is_file() or f.stat().st_size != rec.bytes or sha256_file(f) != rec.sha256
+    ]
 
 
 def stable_hash(obj: Any) -> str:
@@ -205,8 +212,13 @@ class ArtifactStore:
             return None
         return manifest
 
-    def build(self, stage: str, inputs: dict[str, Any], make: Callable[[Path], dict[str, Any]],
-              versions: dict[str, str] | None = None) -> Manifest:
+    def build(
+        self,
+        stage: str,
+        inputs: dict[str, Any],
+        make: Callable[[Path], dict[str, Any]],
+        versions: dict[str, str] | None = None,
+    ) -> Manifest:
         """The verified artifact for (stage, inputs), made by `make(tmp_dir) -> info` if absent.
 
         `make` writes into a private temporary directory that is renamed into place whole, with its
@@ -219,9 +231,17 @@ class ArtifactStore:
         start = time.perf_counter()
         with temp_dir_beside(final) as tmp:
             info = make(tmp) or {}
-            manifest = Manifest(stage=stage, key=key, path=str(final), inputs=inputs, outputs=record_files(tmp),
-                                info=info, versions=versions or {}, seconds=time.perf_counter() - start,
-                                created=datetime.now(timezone.utc).isoformat())
+            manifest = Manifest(
+                stage=stage,
+                key=key,
+                path=str(final),
+                inputs=inputs,
+                outputs=record_files(tmp),
+                info=info,
+                versions=versions or {},
+                seconds=time.perf_counter() - start,
+                created=datetime.now(timezone.utc).isoformat(),
+            )
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             if (theirs := self.load(stage, key)) is not None:  # a concurrent build finished first
                 return theirs

@@ -31,13 +31,20 @@ class BuildSummary(BaseModel):
     def markdown(self) -> str:
         s = self.source
         run = f"[`{self.mlflow_run_id}`]({self.mlflow_run_url})" if self.mlflow_run_url else f"`{self.mlflow_run_id}`"
-        lines = [f"# IndicF5 build: `{s.repo_id}` @ `{s.sha[:12]}`", "",
-                 f"MLflow run: {run} ({self.tracking_uri})", "",
-                 "| backend | dtype | parity relL2 | end-to-end p50 (ms) by frames | engine / error |",
-                 "| --- | --- | --- | --- | --- |"]
+        lines = [
+            f"# IndicF5 build: `{s.repo_id}` @ `{s.sha[:12]}`",
+            "",
+            f"MLflow run: {run} ({self.tracking_uri})",
+            "",
+            "| backend | dtype | parity relL2 | end-to-end p50 (ms) by frames | engine / error |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for b in self.branches:
             lat = ", ".join(f"{n}: {ms:.1f}" for n, ms in b.e2e_p50_ms.items()) or "-"
             rel = f"{b.parity_rel_l2:.2e}" if b.parity_rel_l2 is not None else "-"
-            lines.append(f"| {b.backend} | {b.dtype} | {rel} | {lat} | {('FAILED: ' + b.error) if b.error else f'`{b.engine}`'} |")
+            lines.append(
+                f"| {b.backend} | {b.dtype} | {rel} | {lat} | "
+                f"{('FAILED: ' + b.error) if b.error else f'`{b.engine}`'} |"
+            )
         lines += ["", "| stage | state |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in self.stages.items()]
         return "\n".join(lines)

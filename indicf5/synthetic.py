@@ -24,8 +24,17 @@ from indicf5.store import atomic_dir
 from indicf5.vocoder import build_vocos
 
 # Devanagari, Bengali/Assamese, Gurmukhi, Gujarati, Odia, Tamil, Telugu, Kannada, Malayalam
-INDIC_BLOCKS = [(0x0900, 0x0980), (0x0980, 0x0A00), (0x0A00, 0x0A80), (0x0A80, 0x0B00), (0x0B00, 0x0B80),
-                (0x0B80, 0x0C00), (0x0C00, 0x0C80), (0x0C80, 0x0D00), (0x0D00, 0x0D80)]
+INDIC_BLOCKS = [
+    (0x0900, 0x0980),
+    (0x0980, 0x0A00),
+    (0x0A00, 0x0A80),
+    (0x0A80, 0x0B00),
+    (0x0B00, 0x0B80),
+    (0x0B80, 0x0C00),
+    (0x0C00, 0x0C80),
+    (0x0C80, 0x0D00),
+    (0x0D00, 0x0D80),
+]
 REF_TEXT = "नमस्ते, यह एक परीक्षण है।"
 REF_WAV = "reference.wav"
 REF_TXT = "reference.txt"
@@ -73,22 +82,48 @@ def make_synthetic(out: str | Path, *, replace: bool = False, **sizes) -> Path:
     return out
 
 
-def write_synthetic(out: Path, *, dim: int = 64, depth: int = 2, heads: int = 4, text_dim: int = 32,
-                    conv_layers: int = 1, ff_mult: int = 2, seed: int = 0) -> dict:
+def write_synthetic(
+    out: Path,
+    *,
+    dim: int = 64,
+    depth: int = 2,
+    heads: int = 4,
+    text_dim: int = 32,
+    conv_layers: int = 1,
+    ff_mult: int = 2,
+    seed: int = 0,
+) -> dict:
     """The snapshot's files into the existing directory `out`; returns its config. The same sizes
     and seed give the same bytes."""
     vocab = synthetic_vocab()
-    config = ModelConfig(dim=dim, depth=depth, heads=heads, dim_head=dim // heads, ff_mult=ff_mult,
-                         text_dim=text_dim, conv_layers=conv_layers, text_num_embeds=len(vocab))
+    config = ModelConfig(
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        dim_head=dim // heads,
+        ff_mult=ff_mult,
+        text_dim=text_dim,
+        conv_layers=conv_layers,
+        text_num_embeds=len(vocab),
+    )
     tensors = {f"ema_model._orig_mod.transformer.{k}": v for k, v in random_transformer(config, seed).items()}
     tensors |= {f"vocoder._orig_mod.{k}": v for k, v in random_vocoder(seed).items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / VOCAB_FILE).parent.mkdir()
     (out / VOCAB_FILE).write_text("".join(c + "\n" for c in vocab), encoding="utf-8")
-    (out / CONFIG_FILE).write_text(json.dumps({
-        "architectures": ["INF5Model"], "model_type": "inf5", "vocab_path": VOCAB_FILE,
-        "synthetic": True, "seed": seed, **config.model_dump(),
-    }, indent=2))
+    (out / CONFIG_FILE).write_text(
+        json.dumps(
+            {
+                "architectures": ["INF5Model"],
+                "model_type": "inf5",
+                "vocab_path": VOCAB_FILE,
+                "synthetic": True,
+                "seed": seed,
+                **config.model_dump(),
+            },
+            indent=2,
+        )
+    )
     (out / REF_WAV).write_bytes(audio_bytes(reference_clip(seed=seed), 24_000))
     (out / REF_TXT).write_text(REF_TEXT + "\n", encoding="utf-8")
     return config.model_dump()

@@ -51,8 +51,11 @@ class Vocab:
             lines.pop()  # the final newline ends the last entry; it is not an entry
         elif lines[-1]:
             # IndicF5 (F5-TTS's get_tokenizer) drops each line's last character, taken for its newline
-            warnings.warn(f"{path} does not end with a newline: its last entry {lines[-1]!r} is read as "
-                          f"{lines[-1][:-1]!r}, as IndicF5 reads it", stacklevel=2)
+            warnings.warn(
+                f"{path} does not end with a newline: its last entry {lines[-1]!r} is read as "
+                f"{lines[-1][:-1]!r}, as IndicF5 reads it",
+                stacklevel=2,
+            )
             lines[-1] = lines[-1][:-1]
         if not lines:
             raise InputError(f"vocab file is empty: {path}")
@@ -60,8 +63,10 @@ class Vocab:
         for number, entry in enumerate(lines, 1):
             if entry in first:
                 # IndicF5 would map it to the later line yet size its embedding by the distinct entries
-                raise InputError(f"{path}: line {number} repeats line {first[entry]} ({entry!r}); IndicF5 cannot "
-                                 "read a vocab.txt with a repeated entry: give the checkpoint's own vocab.txt")
+                raise InputError(
+                    f"{path}: line {number} repeats line {first[entry]} ({entry!r}); IndicF5 cannot "
+                    "read a vocab.txt with a repeated entry: give the checkpoint's own vocab.txt"
+                )
             first[entry] = number
         return cls(tuple(lines))
 
@@ -113,8 +118,10 @@ def check_text(text: str, vocab: Vocab, what: str = "text") -> None:
     tokens = [t for t in tokenize(text) if not t.isspace()]
     unknown = sorted({t for t in tokens if t not in index})
     if len(unknown) == len(set(tokens)):
-        raise InputError(f"none of the {what}'s characters is in the model's vocab.txt (e.g. {''.join(unknown[:10])!r}): "
-                         "check the script/language")
+        raise InputError(
+            f"none of the {what}'s characters is in the model's vocab.txt (e.g. {''.join(unknown[:10])!r}): "
+            "check the script/language"
+        )
     if unknown:
         warnings.warn(f"{what}: characters not in vocab.txt are read as a space: {' '.join(unknown)}", stacklevel=2)
 
@@ -195,9 +202,12 @@ def chunk_text(text: str, max_bytes: int) -> list[str]:
             current = piece
     if current.strip():
         chunks.append(current.strip())
-    return [piece.strip() for chunk in chunks
-            for piece in (_split(chunk, max_bytes, _FINER_SPLITS) if _nbytes(chunk) > max_bytes else [chunk])
-            if piece.strip()]
+    return [
+        piece.strip()
+        for chunk in chunks
+        for piece in (_split(chunk, max_bytes, _FINER_SPLITS) if _nbytes(chunk) > max_bytes else [chunk])
+        if piece.strip()
+    ]
 
 
 def chunk_budget(ref_text: str, ref_seconds: float) -> int:

@@ -123,8 +123,14 @@ def run_url(settings: Settings, run_id: str) -> str | None:
 
 
 def build_key(source: SourceRef, download: Manifest, export: Manifest, branches: list[BranchRecord]) -> str:
-    return stable_hash({"source": source.sha, "download": download.key, "export": export.key,
-                        "branches": sorted((b.backend, b.dtype, b.engine.key, b.verify.key, b.benchmark.key) for b in branches)})[:32]
+    return stable_hash(
+        {
+            "source": source.sha,
+            "download": download.key,
+            "export": export.key,
+            "branches": sorted((b.backend, b.dtype, b.engine.key, b.verify.key, b.benchmark.key) for b in branches),
+        }
+    )[:32]
 
 
 def find_build(settings: Settings, key: str) -> str | None:
@@ -136,9 +142,13 @@ def find_build(settings: Settings, key: str) -> str | None:
 def find_build_of(settings: Settings, repo_id: str, sha: str) -> str | None:
     """The newest MLflow parent run of a registered build of `repo_id` at `sha`, if any."""
     experiment = use_tracking(settings)
-    runs = MlflowClient().search_runs([experiment], f"tags.`{TAG}kind` = 'build' and tags.`{TAG}repo_id` = '{repo_id}' "
-                                      f"and tags.`{TAG}sha` = '{sha}' and {REGISTERED}",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
+    runs = MlflowClient().search_runs(
+        [experiment],
+        f"tags.`{TAG}kind` = 'build' and tags.`{TAG}repo_id` = '{repo_id}' "
+        f"and tags.`{TAG}sha` = '{sha}' and {REGISTERED}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -154,26 +164,44 @@ def _branch_metrics(b: BranchRecord) -> list[Metric]:
     parity = ParityReport.model_validate_json(b.verify.file("parity.json").read_text())
     bench = BenchmarkReport.model_validate_json(b.benchmark.file("benchmark.json").read_text())
     now = int(time.time() * 1000)
-    flat = {"convert_seconds": b.convert.seconds, "build_seconds": b.engine.seconds, "verify_seconds": b.verify.seconds,
-            "benchmark_seconds": b.benchmark.seconds, "engine_bytes": b.engine.bytes,
-            "parity_worst_rel_l2": parity.worst_rel_l2, "peak_memory_mb": bench.peak_memory_mb}
+    flat = {
+        "convert_seconds": b.convert.seconds,
+        "build_seconds": b.engine.seconds,
+        "verify_seconds": b.verify.seconds,
+        "benchmark_seconds": b.benchmark.seconds,
+        "engine_bytes": b.engine.bytes,
+        "parity_worst_rel_l2": parity.worst_rel_l2,
+        "peak_memory_mb": bench.peak_memory_mb,
+    }
     metrics = [Metric(k, float(v), now, 0) for k, v in flat.items()]
     for n, outputs in parity.errors.items():
         for name, e in outputs.items():
-            metrics += [Metric(f"parity_{name}_rel_l2", e.rel_l2, now, int(n)),
-                        Metric(f"parity_{name}_max_abs", e.max_abs, now, int(n))]
+            metrics += [
+                Metric(f"parity_{name}_rel_l2", e.rel_l2, now, int(n)),
+                Metric(f"parity_{name}_max_abs", e.max_abs, now, int(n)),
+            ]
     for r in bench.results:
         for part in ("step", "loop", "vocoder", "end_to_end"):
             timing = getattr(r, part)
-            metrics += [Metric(f"{part}_p50_ms", timing.p50_ms, now, r.frames),
-                        Metric(f"{part}_p95_ms", timing.p95_ms, now, r.frames)]
+            metrics += [
+                Metric(f"{part}_p50_ms", timing.p50_ms, now, r.frames),
+                Metric(f"{part}_p95_ms", timing.p95_ms, now, r.frames),
+            ]
         metrics.append(Metric("rtf", r.rtf, now, r.frames))
     return metrics
 
 
-def register_build(settings: Settings, run_id: str, source: SourceRef, environment: EnvironmentReport,
-                   download: Manifest, export: Manifest, branches: list[BranchRecord], failures: dict[str, str],
-                   nfe: int) -> str:
+def register_build(
+    settings: Settings,
+    run_id: str,
+    source: SourceRef,
+    environment: EnvironmentReport,
+    download: Manifest,
+    export: Manifest,
+    branches: list[BranchRecord],
+    failures: dict[str, str],
+    nfe: int,
+) -> str:
     """The build's facts on its run `run_id` and a nested run per engine; returns the run that records
     the build: `run_id`, or the run of the same build (same key) when MLflow already holds one."""
     key = build_key(source, download, export, branches)
@@ -186,32 +214,69 @@ def register_build(settings: Settings, run_id: str, source: SourceRef, environme
     for k, v in {**common_tags, f"{TAG}failed_branches": json.dumps(failures)}.items():
         client.set_tag(run_id, k, v)
     now = int(time.time() * 1000)
-    params = {"repo_id": source.repo_id, "revision": source.revision, "sha": source.sha, "source": source.kind,
-              "nfe": nfe, "branches": ",".join(f"{b.backend}-{b.dtype}" for b in branches), **environment.versions()}
-    metrics = {"download_seconds": download.seconds, "export_seconds": export.seconds,
-               "parameters": export.info.get("parameters", 0), "branches_failed": len(failures)}
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    params = {
+        "repo_id": source.repo_id,
+        "revision": source.revision,
+        "sha": source.sha,
+        "source": source.kind,
+        "nfe": nfe,
+        "branches": ",".join(f"{b.backend}-{b.dtype}" for b in branches),
+        **environment.versions(),
+    }
+    metrics = {
+        "download_seconds": download.seconds,
+        "export_seconds": export.seconds,
+        "parameters": export.info.get("parameters", 0),
+        "branches_failed": len(failures),
+    }
+    client.log_batch(
+        run_id,
+        params=[Param(k, str(v)) for k, v in params.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+    )
     for m in (download, export):
         client.log_dict(run_id, m.model_dump(), f"manifests/{m.stage}_manifest.json")
     for b in branches:
         spec = b.engine.info["spec"]
-        tags = {**common_tags, f"{TAG}kind": "engine", f"{TAG}backend": b.backend, f"{TAG}dtype": b.dtype,
-                f"{TAG}parity_passed": "true", f"{TAG}engine_path": b.engine.path,
-                f"{TAG}engine_content": engine_content(b.engine), "mlflow.source.name": SOURCE_NAME}
-        with mlflow.start_run(experiment_id=experiment, run_name=f"{b.backend}-{b.dtype}", nested=True,
-                              parent_run_id=run_id, tags=tags) as engine_run:
-            mlflow.log_params({"repo_id": source.repo_id, "sha": source.sha, "backend": b.backend, "dtype": b.dtype,
-                               "nfe": nfe, "device": environment.device, **environment.versions(),
-                               **_flat("flag.", spec["build_flags"])})
+        tags = {
+            **common_tags,
+            f"{TAG}kind": "engine",
+            f"{TAG}backend": b.backend,
+            f"{TAG}dtype": b.dtype,
+            f"{TAG}parity_passed": "true",
+            f"{TAG}engine_path": b.engine.path,
+            f"{TAG}engine_content": engine_content(b.engine),
+            "mlflow.source.name": SOURCE_NAME,
+        }
+        with mlflow.start_run(
+            experiment_id=experiment, run_name=f"{b.backend}-{b.dtype}", nested=True, parent_run_id=run_id, tags=tags
+        ) as engine_run:
+            mlflow.log_params(
+                {
+                    "repo_id": source.repo_id,
+                    "sha": source.sha,
+                    "backend": b.backend,
+                    "dtype": b.dtype,
+                    "nfe": nfe,
+                    "device": environment.device,
+                    **environment.versions(),
+                    **_flat("flag.", spec["build_flags"]),
+                }
+            )
             client.log_batch(engine_run.info.run_id, metrics=_branch_metrics(b))
             mlflow.log_dict(b.engine.model_dump(), "manifests/engine_manifest.json")
             mlflow.log_dict(spec, "engine/engine.json")
-            for m, name in ((b.verify, "parity.json"), (b.benchmark, "benchmark.json"), (b.benchmark, "sample.wav"),
-                            (b.benchmark, "mel.png"), (b.benchmark, "latency.png")):
+            for m, name in (
+                (b.verify, "parity.json"),
+                (b.benchmark, "benchmark.json"),
+                (b.benchmark, "sample.wav"),
+                (b.benchmark, "mel.png"),
+                (b.benchmark, "latency.png"),
+            ):
                 mlflow.log_artifact(str(m.file(name)), "results")
-            register_engine(engine_run.info.run_id, b.engine,
-                            {"backend": b.backend, "dtype": b.dtype, "sha": source.sha})
+            register_engine(
+                engine_run.info.run_id, b.engine, {"backend": b.backend, "dtype": b.dtype, "sha": source.sha}
+            )
     client.set_tag(run_id, f"{TAG}build_key", key)  # last: the build is registered once its engines are
     return run_id
 
@@ -225,7 +290,9 @@ def _registered_model(client: MlflowClient) -> None:
     try:
         client.get_registered_model(REGISTERED_MODEL)
     except MlflowException:
-        client.create_registered_model(REGISTERED_MODEL, description="IndicF5 inference engines that passed their parity gate")
+        client.create_registered_model(
+            REGISTERED_MODEL, description="IndicF5 inference engines that passed their parity gate"
+        )
 
 
 def register_engine(run_id: str, engine: Manifest, tags: dict[str, str]) -> str:
@@ -239,8 +306,13 @@ def register_engine(run_id: str, engine: Manifest, tags: dict[str, str]) -> str:
         version = min(same, key=lambda v: int(v.version))
     else:
         model = log_engine_model(Path(engine.path), engine.info["spec"]["backend"], package_version())
-        version = client.create_model_version(REGISTERED_MODEL, source=model.model_uri, run_id=run_id,
-                                              model_id=model.model_id, tags={**tags, f"{TAG}engine_content": content})
+        version = client.create_model_version(
+            REGISTERED_MODEL,
+            source=model.model_uri,
+            run_id=run_id,
+            model_id=model.model_id,
+            tags={**tags, f"{TAG}engine_content": content},
+        )
     client.set_tag(run_id, f"{TAG}model_version", str(version.version))
     client.set_tag(run_id, f"{TAG}model_uri", version.source)
     return str(version.version)
@@ -259,12 +331,16 @@ def _engine_run(client: MlflowClient, ref: str) -> Run:
         try:
             run = client.get_run(client.get_model_version_by_alias(REGISTERED_MODEL, ref).run_id)
         except MlflowException:
-            raise InputError(f"{ref!r} is neither an engine directory, nor an MLflow engine run id, nor an alias of "
-                             f"the registered model {REGISTERED_MODEL}, nor a models:/ or runs:/ URI: give one of "
-                             "those (indicf5 compare sets 'champion')") from None
+            raise InputError(
+                f"{ref!r} is neither an engine directory, nor an MLflow engine run id, nor an alias of "
+                f"the registered model {REGISTERED_MODEL}, nor a models:/ or runs:/ URI: give one of "
+                "those (indicf5 compare sets 'champion')"
+            ) from None
     if run.data.tags.get(f"{TAG}kind") != "engine":
-        raise InputError(f"MLflow run {run.info.run_id} is not an engine run (kind {run.data.tags.get(f'{TAG}kind')}): "
-                         "give the run of one engine (backend-dtype) of a build")
+        raise InputError(
+            f"MLflow run {run.info.run_id} is not an engine run (kind {run.data.tags.get(f'{TAG}kind')}): "
+            "give the run of one engine (backend-dtype) of a build"
+        )
     return run
 
 
@@ -281,8 +357,10 @@ def resolve_engine(settings: Settings, ref: str, backend: str | None = None) -> 
     tags = run.data.tags
     if backend is not None and tags[f"{TAG}backend"] != backend:
         siblings = client.search_runs(
-            [run.info.experiment_id], f"tags.`{TAG}kind` = 'engine' and tags.`{TAG}sha` = '{tags[f'{TAG}sha']}' "
-            f"and tags.`{TAG}backend` = '{backend}' and tags.`mlflow.parentRunId` = '{tags['mlflow.parentRunId']}'")
+            [run.info.experiment_id],
+            f"tags.`{TAG}kind` = 'engine' and tags.`{TAG}sha` = '{tags[f'{TAG}sha']}' "
+            f"and tags.`{TAG}backend` = '{backend}' and tags.`mlflow.parentRunId` = '{tags['mlflow.parentRunId']}'",
+        )
         if siblings:
             run = sorted(siblings, key=lambda r: r.data.tags[f"{TAG}dtype"] != tags[f"{TAG}dtype"])[0]
             tags = run.data.tags
@@ -314,8 +392,10 @@ def fetch_engine(settings: Settings, uri: str) -> Path:
         with temp_dir_beside(cache) as tmp:
             model = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp)))
             if (engine := engine_dir_of(model)) is None:
-                raise InputError(f"{uri} is not an engine model (no pyfunc artifact '{ENGINE_ARTIFACT}' with an "
-                                 f"engine.json): give a version of {REGISTERED_MODEL} or an engine run's model")
+                raise InputError(
+                    f"{uri} is not an engine model (no pyfunc artifact '{ENGINE_ARTIFACT}' with an "
+                    f"engine.json): give a version of {REGISTERED_MODEL} or an engine run's model"
+                )
             publish_dir(engine, cache)
     except MlflowException as e:
         raise InputError(f"cannot fetch the engine {uri} from MLflow ({settings.tracking_uri}): {e.message}") from None

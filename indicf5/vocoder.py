@@ -23,7 +23,9 @@ from indicf5.errors import InputError
 def build_vocos(dim: int = 512, hidden: int = 1536, layers: int = 8, mel: MelConfig = MelConfig()) -> Vocos:
     """An untrained mel Vocos; the defaults are charactr/vocos-mel-24khz's sizes."""
     return Vocos(
-        feature_extractor=MelSpectrogramFeatures(mel.sample_rate, mel.n_fft, mel.hop_length, mel.n_mels, padding="center"),
+        feature_extractor=MelSpectrogramFeatures(
+            mel.sample_rate, mel.n_fft, mel.hop_length, mel.n_mels, padding="center"
+        ),
         backbone=VocosBackbone(mel.n_mels, dim, hidden, layers),
         head=ISTFTHead(dim, mel.n_fft, mel.hop_length, padding="same"),
     )
@@ -40,7 +42,9 @@ def vocos_for_weights(state: dict[str, torch.Tensor], mel: MelConfig = MelConfig
     return build_vocos(dim, hidden, layers, mel)
 
 
-def load_vocoder(state: dict[str, torch.Tensor] | None = None, local_dir: str | Path | None = None, device="cpu") -> Vocos:
+def load_vocoder(
+    state: dict[str, torch.Tensor] | None = None, local_dir: str | Path | None = None, device="cpu"
+) -> Vocos:
     if state is None and local_dir is None:
         raise InputError(
             "no vocoder: the checkpoint bundles no vocoder weights; pass --vocoder DIR with a local copy of "

@@ -11,8 +11,12 @@ from tasks.names import engine_run_name
 from tasks.progress import stage_progress
 
 
-@task(name="benchmark", task_run_name=engine_run_name("benchmark"), cache_key_fn=stage_cache_key(BENCHMARK),
-      persist_result=True)
+@task(
+    name="benchmark",
+    task_run_name=engine_run_name("benchmark"),
+    cache_key_fn=stage_cache_key(BENCHMARK),
+    persist_result=True,
+)
 def benchmark(engine: Manifest, config: BenchmarkConfig, environment: EnvironmentReport) -> Manifest:
     """Runbook step 6, timed: step, loop, vocoder and end-to-end latencies (p50/p95), RTF, peak memory;
     a sample and plots."""

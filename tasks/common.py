@@ -75,9 +75,12 @@ def last_attempt_says_so() -> Iterator[None]:
         raise TransientHubError(f"{e}; gave up after {context.task_run.run_count} attempts") from e
 
 
-def content_cache_key(name: str, content_key: Callable[[dict[str, Any]], str],
-                      present: Callable[[dict[str, Any]], bool],
-                      scope: Callable[[], str] = store_scope) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
+def content_cache_key(
+    name: str,
+    content_key: Callable[[dict[str, Any]], str],
+    present: Callable[[dict[str, Any]], bool],
+    scope: Callable[[], str] = store_scope,
+) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
     """Prefect's cache key for a stage: where its result lives (`scope`: the store's root) and its
     content key (input hashes, settings, code). Prefect's cache records are shared by every
     workspace that shares its home, so the scope keeps one workspace's hit from being another's.
@@ -94,5 +97,8 @@ def content_cache_key(name: str, content_key: Callable[[dict[str, Any]], str],
 
 
 def stage_cache_key(stage: Stage) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
-    return content_cache_key(stage.name, lambda params: stage.key(store(), **params),
-                             lambda params: stage.cached(store(), **params) is not None)
+    return content_cache_key(
+        stage.name,
+        lambda params: stage.key(store(), **params),
+        lambda params: stage.cached(store(), **params) is not None,
+    )

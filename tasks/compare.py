@@ -18,8 +18,13 @@ def compare_engines(repo_id: str | None, sha: str | None) -> compare.Comparison:
 def record_comparison(comparison: compare.Comparison) -> compare.Comparison:
     """The comparison in MLflow (table, chart) and the champion alias; the table as Prefect artifacts."""
     recorded = compare.record_comparison(Settings(), comparison)
-    create_table_artifact(recorded.rows(), key="engine-comparison",
-                          description=f"{recorded.repo_id}@{recorded.sha[:12]}: champion {recorded.champion}")
-    create_markdown_artifact(recorded.markdown() + f"\n\nMLflow run: `{recorded.run_id}` (chart: comparison.png)",
-                             key="engine-comparison-summary")
+    create_table_artifact(
+        recorded.rows(),
+        key="engine-comparison",
+        description=f"{recorded.repo_id}@{recorded.sha[:12]}: champion {recorded.champion}",
+    )
+    create_markdown_artifact(
+        recorded.markdown() + f"\n\nMLflow run: `{recorded.run_id}` (chart: comparison.png)",
+        key="engine-comparison-summary",
+    )
     return recorded

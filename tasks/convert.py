@@ -8,7 +8,12 @@ from indicf5.store import Manifest
 from tasks.common import stage_cache_key, store
 
 
-@task(name="convert_checkpoint", task_run_name="convert-{backend}-{dtype}", cache_key_fn=stage_cache_key(CONVERT), persist_result=True)
+@task(
+    name="convert_checkpoint",
+    task_run_name="convert-{backend}-{dtype}",
+    cache_key_fn=stage_cache_key(CONVERT),
+    persist_result=True,
+)
 def convert_checkpoint(export: Manifest, backend: str, dtype: DType) -> Manifest:
     """Runbook step 4: the export in the backend's own checkpoint format and dtype (the flow runs it
     only for a backend this machine can build)."""

@@ -8,8 +8,13 @@ from indicf5.store import Manifest
 from tasks.common import RETRIES, last_attempt_says_so, retry_if_transient, stage_cache_key, store
 
 
-@task(name="download_snapshot", cache_key_fn=stage_cache_key(DOWNLOAD), persist_result=True, **RETRIES,
-      retry_condition_fn=retry_if_transient)
+@task(
+    name="download_snapshot",
+    cache_key_fn=stage_cache_key(DOWNLOAD),
+    persist_result=True,
+    **RETRIES,
+    retry_condition_fn=retry_if_transient,
+)
 def download_snapshot(source: SourceRef) -> Manifest:
     """The needed files at exactly the resolved sha, verified against the hub's hashes."""
     with last_attempt_says_so():

@@ -19,8 +19,9 @@ EVERY_S = 2.0  # at most one update of the artifact this often
 
 def _progress_artifact():
     with get_client(sync_client=True) as client:
-        wanted = ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY]),
-                                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        wanted = ArtifactFilter(
+            key=ArtifactFilterKey(any_=[PROGRESS_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])
+        )
         found = client.read_artifacts(artifact_filter=wanted)
     return found[0] if found else None
 

@@ -26,13 +26,27 @@ def _build_key(params) -> str:
 
 
 # cached while MLflow still holds the build's run
-@task(name="register", persist_result=True,
-      cache_key_fn=content_cache_key("register", _build_key, lambda p: tracking.find_build(Settings(), _build_key(p)) is not None))
-def register(mlflow_run: str, source: SourceRef, environment: EnvironmentReport, download: Manifest, export: Manifest,
-             branches: list[BranchRecord], failures: dict[str, str], nfe: int) -> str:
+@task(
+    name="register",
+    persist_result=True,
+    cache_key_fn=content_cache_key(
+        "register", _build_key, lambda p: tracking.find_build(Settings(), _build_key(p)) is not None
+    ),
+)
+def register(
+    mlflow_run: str,
+    source: SourceRef,
+    environment: EnvironmentReport,
+    download: Manifest,
+    export: Manifest,
+    branches: list[BranchRecord],
+    failures: dict[str, str],
+    nfe: int,
+) -> str:
     """The build's facts on its MLflow run, a nested run and a model version per engine that passed parity."""
-    return tracking.register_build(Settings(), mlflow_run, source, environment, download, export, branches, failures,
-                                   nfe)
+    return tracking.register_build(
+        Settings(), mlflow_run, source, environment, download, export, branches, failures, nfe
+    )
 
 
 @task(name="end_build_run")
@@ -44,5 +58,8 @@ def end_build_run(mlflow_run: str, registered: str | None, error: str | None) ->
 @task(name="publish_summary")
 def publish_summary(summary: BuildSummary) -> None:
     """The build's summary as a Prefect markdown artifact, with the MLflow run (a link on a server)."""
-    create_markdown_artifact(summary.markdown(), key="build-summary",
-                             description=f"IndicF5 build of {summary.source.repo_id}@{summary.source.sha[:12]}")
+    create_markdown_artifact(
+        summary.markdown(),
+        key="build-summary",
+        description=f"IndicF5 build of {summary.source.repo_id}@{summary.source.sha[:12]}",
+    )

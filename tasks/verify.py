@@ -10,8 +10,12 @@ from tasks.names import engine_run_name
 from tasks.progress import stage_progress
 
 
-@task(name="verify_parity", task_run_name=engine_run_name("verify"), cache_key_fn=stage_cache_key(VERIFY),
-      persist_result=True)
+@task(
+    name="verify_parity",
+    task_run_name=engine_run_name("verify"),
+    cache_key_fn=stage_cache_key(VERIFY),
+    persist_result=True,
+)
 def verify_parity(engine: Manifest, export: Manifest, config: ParityConfig, device: str) -> Manifest:
     """Runbook step 6, checked: the engine against the fp32 reference; fails the branch above the
     dtype's threshold or on NaN/Inf."""

@@ -26,14 +26,16 @@ QUIET = quiet_settings()
 # The hub is a local server (tests/hub_server.py); Prefect runs its ephemeral API on a private database.
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="indicf5-tests-"))
 HUB_PORT = _free_port()
-os.environ.update({
-    "HF_ENDPOINT": f"http://127.0.0.1:{HUB_PORT}",
-    "HF_HUB_CACHE": str(_SESSION_TMP / "hf-cache"),
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
-    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-    **QUIET,
-})
+os.environ.update(
+    {
+        "HF_ENDPOINT": f"http://127.0.0.1:{HUB_PORT}",
+        "HF_HUB_CACHE": str(_SESSION_TMP / "hf-cache"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+        **QUIET,
+    }
+)
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -74,7 +76,9 @@ def hub(snapshot):
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh workspace (artifact store, MLflow sqlite) for one test."""
     monkeypatch.setenv("INDICF5_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it; undone after the test
+    monkeypatch.delenv(
+        "MLFLOW_TRACKING_URI", raising=False
+    )  # mlflow.set_tracking_uri exports it; undone after the test
     return tmp_path / "home"
 
 

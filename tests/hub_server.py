@@ -22,8 +22,10 @@ class Repo:
     token: str | None = None  # gated: this bearer token is required
 
     def add_commit(self, files: dict[str, bytes], branch: str = "main") -> str:
-        sha = hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()
-                           + str(len(self.commits)).encode()).hexdigest()
+        sha = hashlib.sha1(
+            json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()
+            + str(len(self.commits)).encode()
+        ).hexdigest()
         self.commits[sha] = files
         self.refs[branch] = sha
         return sha
@@ -78,7 +80,9 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             return self._error(401, "RepoNotFound", "Repository not found")
         if repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}":
-            return self._error(403 if self.headers.get("Authorization") else 401, "GatedRepo", "Access to this repo is restricted")
+            return self._error(
+                403 if self.headers.get("Authorization") else 401, "GatedRepo", "Access to this repo is restricted"
+            )
         sha = repo.refs.get(revision, revision if revision in repo.commits else None)
         if sha is None:
             return self._error(404, "RevisionNotFound", "Invalid rev id")
@@ -103,7 +107,12 @@ class _Handler(BaseHTTPRequestHandler):
             entries, dirs = [], set()
             for name, data in repo.commits[sha].items():
                 dirs.update("/".join(name.split("/")[:k]) for k in range(1, name.count("/") + 1))
-                entry = {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+                entry = {
+                    "type": "file",
+                    "path": name,
+                    "size": len(data),
+                    "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+                }
                 if name.endswith(LFS_SUFFIXES):
                     entry["lfs"] = {"size": len(data), "oid": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
                 entries.append(entry)
@@ -119,13 +128,27 @@ class _Handler(BaseHTTPRequestHandler):
             repo, sha = found
             siblings = []
             for name, data in repo.commits[sha].items():
-                entry = {"rfilename": name, "size": len(data),
-                         "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+                entry = {
+                    "rfilename": name,
+                    "size": len(data),
+                    "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+                }
                 if name.endswith(LFS_SUFFIXES):
                     entry["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
                 siblings.append(entry)
-            body = json.dumps({"id": "/".join(parts[2:i]), "modelId": "/".join(parts[2:i]), "sha": sha, "siblings": siblings,
-                               "private": False, "gated": "auto" if repo.token else False, "tags": [], "downloads": 0, "likes": 0})
+            body = json.dumps(
+                {
+                    "id": "/".join(parts[2:i]),
+                    "modelId": "/".join(parts[2:i]),
+                    "sha": sha,
+                    "siblings": siblings,
+                    "private": False,
+                    "gated": "auto" if repo.token else False,
+                    "tags": [],
+                    "downloads": 0,
+                    "likes": 0,
+                }
+            )
             return self._send(200, body.encode(), {"Content-Type": "application/json"})
         if "resolve" in parts:
             i = parts.index("resolve")
@@ -138,5 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
             if data is None:
                 return self._error(404, "EntryNotFound", "Entry not found")
             etag = hashlib.sha256(data).hexdigest() if name.endswith(LFS_SUFFIXES) else hashlib.sha1(data).hexdigest()
-            return self._send(200, data, {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"})
+            return self._send(
+                200, data, {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}
+            )
         self._error(404, message=f"no route for {path}")

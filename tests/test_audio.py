@@ -8,8 +8,15 @@ import soundfile as sf
 import torch
 from vocos.feature_extractors import MelSpectrogramFeatures
 
-from indicf5.audio import (MelSpectrogram, clip_reference, cross_fade, prepare_reference, read_audio, silence_pad,
-                           trim_silence_edges)
+from indicf5.audio import (
+    MelSpectrogram,
+    clip_reference,
+    cross_fade,
+    prepare_reference,
+    read_audio,
+    silence_pad,
+    trim_silence_edges,
+)
 from indicf5.errors import InputError
 from indicf5.synthetic import reference_clip
 from indicf5.vocoder import decode, load_vocoder
@@ -41,15 +48,35 @@ def test_bundled_vocoder_decodes_256_samples_a_frame(checkpoint):
 def test_local_vocos_directory_loads(tmp_path, checkpoint):
     import yaml
 
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
-        "feature_extractor": {"class_path": "vocos.feature_extractors.MelSpectrogramFeatures",
-                              "init_args": {"sample_rate": RATE, "n_fft": 1024, "hop_length": 256, "n_mels": 100, "padding": "center"}},
-        "backbone": {"class_path": "vocos.models.VocosBackbone", "init_args": {"input_channels": 100, "dim": 64, "intermediate_dim": 192, "num_layers": 2}},
-        "head": {"class_path": "vocos.heads.ISTFTHead", "init_args": {"dim": 64, "n_fft": 1024, "hop_length": 256, "padding": "same"}},
-    }))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "feature_extractor": {
+                    "class_path": "vocos.feature_extractors.MelSpectrogramFeatures",
+                    "init_args": {
+                        "sample_rate": RATE,
+                        "n_fft": 1024,
+                        "hop_length": 256,
+                        "n_mels": 100,
+                        "padding": "center",
+                    },
+                },
+                "backbone": {
+                    "class_path": "vocos.models.VocosBackbone",
+                    "init_args": {"input_channels": 100, "dim": 64, "intermediate_dim": 192, "num_layers": 2},
+                },
+                "head": {
+                    "class_path": "vocos.heads.ISTFTHead",
+                    "init_args": {"dim": 64, "n_fft": 1024, "hop_length": 256, "padding": "same"},
+                },
+            }
+        )
+    )
     torch.save(checkpoint.vocoder, tmp_path / "pytorch_model.bin")
     mel = torch.randn(1, 100, 20)
-    torch.testing.assert_close(decode(load_vocoder(local_dir=tmp_path), mel), decode(load_vocoder(checkpoint.vocoder), mel))
+    torch.testing.assert_close(
+        decode(load_vocoder(local_dir=tmp_path), mel), decode(load_vocoder(checkpoint.vocoder), mel)
+    )
     with pytest.raises(InputError, match="no vocoder"):
         load_vocoder()
     with pytest.raises(InputError, match="lacks config.yaml"):

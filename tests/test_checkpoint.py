@@ -13,7 +13,14 @@ from safetensors.torch import load_file, save_file
 from indicf5.checkpoint import build_model, load_checkpoint, split_state
 from indicf5.errors import InputError
 
-PREFIXES = ["ema_model._orig_mod.transformer.", "ema_model.transformer.", "model.transformer.", "transformer.", "_orig_mod.", ""]
+PREFIXES = [
+    "ema_model._orig_mod.transformer.",
+    "ema_model.transformer.",
+    "model.transformer.",
+    "transformer.",
+    "_orig_mod.",
+    "",
+]
 
 
 @pytest.fixture()

@@ -18,7 +18,9 @@ from indicf5.text import estimate_frames, normalize_ref_text
 
 
 def indicf5(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "indicf5.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "indicf5.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,22 @@ def cli_snapshot(tmp_path_factory):
 
 
 def synth(snapshot, out, text, *extra):
-    return indicf5("synth", "--checkpoint", str(snapshot), "--text", text, "--ref-audio", str(snapshot / "reference.wav"),
-                   "--out", str(out), "--seed", "1", "--nfe", "4", *extra)
+    return indicf5(
+        "synth",
+        "--checkpoint",
+        str(snapshot),
+        "--text",
+        text,
+        "--ref-audio",
+        str(snapshot / "reference.wav"),
+        "--out",
+        str(out),
+        "--seed",
+        "1",
+        "--nfe",
+        "4",
+        *extra,
+    )
 
 
 def test_make_synthetic_then_synth_writes_a_wav_of_the_estimated_length(cli_snapshot, tmp_path):
@@ -70,8 +86,18 @@ def test_long_text_is_chunked_and_shows_progress(cli_snapshot, tmp_path):
     assert "synthesis" in done.stderr and "step" in done.stderr  # tqdm's bar
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "corrupt weights", "empty text", "unknown script",
-                                  "unreadable audio", "other architecture", "nan weights"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing checkpoint",
+        "corrupt weights",
+        "empty text",
+        "unknown script",
+        "unreadable audio",
+        "other architecture",
+        "nan weights",
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli_snapshot, tmp_path, case):
     snapshot = tmp_path / "snap"
     shutil.copytree(cli_snapshot, snapshot)
@@ -106,8 +132,21 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli_snapshot, tmp_pa
         expect = "NaN or Inf in 2 tensor(s): proj_out.bias, transformer_blocks.1.attn.to_q.weight"
     ref = cli_snapshot / "reference.wav" if case != "unreadable audio" else snapshot / "reference.wav"
     out = tmp_path / "out.wav"
-    done = indicf5("synth", "--checkpoint", str(snapshot), "--text", text, "--ref-audio", str(ref),
-                   "--ref-text", "नमस्ते", "--out", str(out), "--nfe", "2")
+    done = indicf5(
+        "synth",
+        "--checkpoint",
+        str(snapshot),
+        "--text",
+        text,
+        "--ref-audio",
+        str(ref),
+        "--ref-text",
+        "नमस्ते",
+        "--out",
+        str(out),
+        "--nfe",
+        "2",
+    )
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert expect in last and "Traceback" not in done.stderr
@@ -131,8 +170,10 @@ def test_prefect_waits_long_enough_for_its_ephemeral_api_unless_the_user_says(us
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
     if users is not None:
         env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = users
-    script = ("import indicf5.cli; indicf5.cli.use_prefect_defaults(); "
-              "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; print(s.value())")
+    script = (
+        "import indicf5.cli; indicf5.cli.use_prefect_defaults(); "
+        "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; print(s.value())"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) == expected
@@ -145,7 +186,10 @@ CARELESS = {
     "synth --cfg -1": (["--cfg", "-1"], "--cfg -1.0: Input should be greater than or equal to 0"),
     "synth --device bogus": (["--device", "bogus"], "--device: unknown device 'bogus'"),
     "synth --out a directory": (["--out", "{tmp}"], "{tmp} is a directory: give a file name"),
-    "synth --out under a file": (["--out", "{tmp}/file.txt/out.wav"], "cannot write {tmp}/file.txt/out.wav: {tmp}/file.txt is not a directory"),
+    "synth --out under a file": (
+        ["--out", "{tmp}/file.txt/out.wav"],
+        "cannot write {tmp}/file.txt/out.wav: {tmp}/file.txt is not a directory",
+    ),
     "make-synthetic --heads 3": (["--heads", "3"], "heads*dim_head must equal dim, got 3*21 != 64"),
     "serve --max-batch 0": (["--max-batch", "0"], "--max-batch 0: Input should be greater than or equal to 1"),
     "build --backend bogus": (["--backend", "bogus"], "unknown backend 'bogus': choose from eager"),
@@ -160,8 +204,16 @@ def test_careless_arguments_exit_2_with_one_line_before_any_work(cli_snapshot, t
     (tmp_path / "file.txt").write_text("a file, not a directory")
     command = case.split()[0]
     args = {
-        "synth": ["--checkpoint", str(cli_snapshot), "--text", "नमस्ते", "--ref-audio",
-                  str(cli_snapshot / "reference.wav"), "--out", str(tmp_path / "out.wav")],
+        "synth": [
+            "--checkpoint",
+            str(cli_snapshot),
+            "--text",
+            "नमस्ते",
+            "--ref-audio",
+            str(cli_snapshot / "reference.wav"),
+            "--out",
+            str(tmp_path / "out.wav"),
+        ],
         "make-synthetic": [str(tmp_path / "snap")],
         "serve": ["--engine", str(tmp_path)],
         "build": ["--synthetic"],
@@ -199,8 +251,21 @@ def test_a_long_reference_is_clipped_with_a_warning(cli_snapshot, tmp_path):
     clip, rate = sf.read(cli_snapshot / "reference.wav")
     long_ref = tmp_path / "long.wav"
     sf.write(long_ref, np.tile(clip, 10), rate)
-    done = indicf5("synth", "--checkpoint", str(cli_snapshot), "--text", "नमस्ते", "--ref-audio", str(long_ref),
-                   "--ref-text", "नमस्ते", "--out", str(tmp_path / "out.wav"), "--nfe", "2")
+    done = indicf5(
+        "synth",
+        "--checkpoint",
+        str(cli_snapshot),
+        "--text",
+        "नमस्ते",
+        "--ref-audio",
+        str(long_ref),
+        "--ref-text",
+        "नमस्ते",
+        "--out",
+        str(tmp_path / "out.wav"),
+        "--nfe",
+        "2",
+    )
     assert done.returncode == 0, done.stderr
     warning = next(line for line in done.stderr.splitlines() if line.startswith("warning: reference audio"))
     kept = float(warning.split("; ")[1].split(" s")[0])

@@ -17,14 +17,17 @@ from indicf5.sampler import sample
 
 def run_python(script: str, *args: str, **env: str) -> str:
     """stdout of `script` in a fresh interpreter (its own Triton/Inductor state), `env` added."""
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env})
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600, env={**os.environ, **env}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 def test_bucket_choice():
-    assert bucket_for(100, (128, 256)) == 128 and bucket_for(128, (128, 256)) == 128 and bucket_for(129, (128, 256)) == 256
+    assert (
+        bucket_for(100, (128, 256)) == 128 and bucket_for(128, (128, 256)) == 128 and bucket_for(129, (128, 256)) == 256
+    )
     with pytest.raises(ValueError, match="largest bucket"):
         bucket_for(300, (128, 256))
 
@@ -52,8 +55,12 @@ def test_both_schedules_run_on_one_compilation_and_match_the_reference(checkpoin
     engine = CompiledEngine(build_model(checkpoint, device, dtype), EngineFlags(buckets=(128,)))
     torch.manual_seed(4)
     cond, text = torch.randn(1, 30, 100, device=device), torch.randint(0, 100, (1, 25), device=device)
-    run = lambda model, schedule: sample(model, cond, text, [110], nfe=7, schedule=schedule, seed=2,  # noqa: E731
-                                         dtype=getattr(model, "state_dtype", None))
+
+    def run(model, schedule):
+        return sample(
+            model, cond, text, [110], nfe=7, schedule=schedule, seed=2, dtype=getattr(model, "state_dtype", None)
+        )
+
     uniform = run(engine, "uniform")
     with torch._dynamo.config.patch(error_on_recompile=True):
         epss = run(engine, "epss")
@@ -86,18 +93,22 @@ def test_attention_by_lengths_keeps_rows_of_different_lengths_apart(checkpoint, 
     got = sample(engine, cond, text, frames, ref_lens=[40, 25], nfe=3, seed=5, dtype=engine.state_dtype)
     for row, (c, t, n) in enumerate(zip(conds, texts, frames)):
         alone = sample(reference, c, t, [n], nfe=3, seed=5, dtype=engine.state_dtype)
-        assert rel_l2(got[row:row + 1, :n], alone) <= (2e-3 if device == "cuda" else 1e-5), row
+        assert rel_l2(got[row : row + 1, :n], alone) <= (2e-3 if device == "cuda" else 1e-5), row
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_guidance_branches_on_two_streams_compute_what_one_batch_does(checkpoint):
     """branches 'streams' (each guidance branch on its own CUDA stream, in the loop's graph and
     without it) samples what the one batch of both branches does."""
-    engines = {branches: CompiledEngine(build_model(checkpoint, "cuda", torch.float16), EngineFlags(buckets=(256,), branches=branches))
-               for branches in ("batched", "streams")}
+    engines = {
+        branches: CompiledEngine(
+            build_model(checkpoint, "cuda", torch.float16), EngineFlags(buckets=(256,), branches=branches)
+        )
+        for branches in ("batched", "streams")
+    }
     torch.manual_seed(3)
     cond, text = torch.randn(1, 50, 100, device="cuda"), torch.randint(0, 100, (1, 40), device="cuda")
-    run = lambda engine: sample(engine, cond, text, [200], nfe=4, seed=2, dtype=engine.state_dtype)  # noqa: E731
+    run = lambda engine: sample(engine, cond, text, [200], nfe=4, seed=2, dtype=engine.state_dtype)
     want = run(engines["batched"])
     streams = engines["streams"]
     assert rel_l2(run(streams), want) <= 2e-3 and streams.graphs  # the graph of both streams
@@ -111,7 +122,8 @@ from triton.runtime import interpreter
 
 patch_tensor = interpreter._patch_lang_tensor
 
-def patched(tensor, scope):  # triton-lang/triton#9171: Triton 3.6's interpreter casts a 1-element array with int(), which NumPy 2.4 refuses
+# triton-lang/triton#9171: Triton 3.6's interpreter casts a 1-element array with int(), which NumPy 2.4 refuses
+def patched(tensor, scope):
     patch_tensor(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
@@ -128,7 +140,8 @@ got = attend(*low.unbind(2), lengths).float()
 for row, length in enumerate(lengths.tolist()):
     q, k, v = (t[row:row + 1, :length] for t in qkv.unbind(2))
     want = sdpa_attend(q, k, v)
-    print(row, float((got[row:row + 1, :length] - want).norm() / want.norm()), int(torch.isfinite(got[row, :length]).all()))
+    err = float((got[row:row + 1, :length] - want).norm() / want.norm())
+    print(row, err, int(torch.isfinite(got[row, :length]).all()))
 """
 
 
@@ -153,12 +166,15 @@ def test_padded_attention_refuses_a_layout_it_cannot_tile():
 
 
 def test_engine_flags_that_cannot_run_here_say_so(checkpoint):
-    for flags, match in (({"conv": "triton"}, "conv 'triton' needs a CUDA device"), ({"rope": "kernel"}, "rope 'kernel' needs a CUDA device"),
-                         ({"branches": "streams"}, "branches 'streams' needs a CUDA device"),
-                         ({"branches": "two"}, "build flag branches 'two' is not one of auto, streams, batched"),
-                         ({"tuning": "max"}, "unknown build flag 'tuning' for the compiled backend"),
-                         ({"batch_sizes": [2, 4]}, "batch_sizes must be increasing and start at 1"),
-                         ({"max_tokens": 64}, "max_tokens 64 must hold one utterance of the largest bucket")):
+    for flags, match in (
+        ({"conv": "triton"}, "conv 'triton' needs a CUDA device"),
+        ({"rope": "kernel"}, "rope 'kernel' needs a CUDA device"),
+        ({"branches": "streams"}, "branches 'streams' needs a CUDA device"),
+        ({"branches": "two"}, "build flag branches 'two' is not one of auto, streams, batched"),
+        ({"tuning": "max"}, "unknown build flag 'tuning' for the compiled backend"),
+        ({"batch_sizes": [2, 4]}, "batch_sizes must be increasing and start at 1"),
+        ({"max_tokens": 64}, "max_tokens 64 must hold one utterance of the largest bucket"),
+    ):
         with pytest.raises(ValueError, match=match):
             CompiledEngine(build_model(checkpoint), EngineFlags.parse({"buckets": [128], **flags}))
     if torch.cuda.is_available():  # the synthetic model's 4 channels a group do not fit the Triton kernel's tiles
@@ -176,7 +192,9 @@ def test_auto_flags_resolve_per_device_and_dtype():
     assert cpu.branch_streams_from is None
     assert flags.resolve(torch.device("cpu"), torch.float16, 64).precision == "pure"
     gpu = flags.resolve(torch.device("cuda"), torch.float16, 64)
-    assert gpu.triton_conv and gpu.by_lengths and gpu.rope_kernel and gpu.cuda_graphs and gpu.branch_streams_from == 2048
+    assert (
+        gpu.triton_conv and gpu.by_lengths and gpu.rope_kernel and gpu.cuda_graphs and gpu.branch_streams_from == 2048
+    )
     assert not flags.resolve(torch.device("cuda"), torch.float16, 4).triton_conv  # the groups do not fit its tiles
     assert not flags.resolve(torch.device("cuda"), torch.float32, 64).by_lengths
 
@@ -190,24 +208,35 @@ def test_build_saves_compiler_artifacts_and_loads(tmp_path, checkpoint):
     converted, engine_dir = tmp_path / "converted", tmp_path / "engine"
     converted.mkdir(), engine_dir.mkdir()
     save_file(checkpoint.transformer, str(converted / "model.safetensors"))
-    spec = EngineSpec(backend="compiled", dtype="fp32", model=checkpoint.config,
-                      build_flags={**backend.default_flags(), "buckets": [128, 256], "device": "cpu"})
+    spec = EngineSpec(
+        backend="compiled",
+        dtype="fp32",
+        model=checkpoint.config,
+        build_flags={**backend.default_flags(), "buckets": [128, 256], "device": "cpu"},
+    )
     info = backend.build(converted, spec, engine_dir)
     assert (engine_dir / "compile_cache.bin").stat().st_size > 0 and info["device"] == "cpu"
     engine = backend.load(engine_dir, spec, "cpu")
     reference = build_model(checkpoint)
     cond, text = torch.randn(1, 30, 100), torch.randint(0, 100, (1, 20))
-    assert rel_l2(sample(engine, cond, text, [100], nfe=2, seed=0), sample(reference, cond, text, [100], nfe=2, seed=0)) <= 1e-5
+    assert (
+        rel_l2(sample(engine, cond, text, [100], nfe=2, seed=0), sample(reference, cond, text, [100], nfe=2, seed=0))
+        <= 1e-5
+    )
 
 
 def test_mixed_precision_bf16_keeps_closer_to_fp32_than_pure_bf16(checkpoint):
     reference = build_model(checkpoint)
     cond, text = torch.randn(1, 60, 100), torch.randint(0, 100, (1, 50))
     want = sample(reference, cond, text, [200], nfe=8, seed=0)
-    pure = sample(build_model(checkpoint, "cpu", torch.bfloat16), cond, text, [200], nfe=8, seed=0, dtype=torch.bfloat16)
+    pure = sample(
+        build_model(checkpoint, "cpu", torch.bfloat16), cond, text, [200], nfe=8, seed=0, dtype=torch.bfloat16
+    )
     errors = {}
     for precision in ("pure", "mixed"):
-        engine = CompiledEngine(build_model(checkpoint, "cpu", torch.bfloat16), EngineFlags(buckets=(256,), precision=precision))
+        engine = CompiledEngine(
+            build_model(checkpoint, "cpu", torch.bfloat16), EngineFlags(buckets=(256,), precision=precision)
+        )
         got = sample(engine, cond, text, [200], nfe=8, seed=0, dtype=engine.state_dtype)
         assert torch.isfinite(got).all()
         errors[precision] = rel_l2(got, want)
@@ -282,27 +311,63 @@ def test_the_triton_kernels_compile_for_hopper(dtype):
     from indicf5.backends.compiled.kernels import rope as rope_kernel
 
     hopper, pointer = GPUTarget("cuda", 90, 32), f"*{dtype}"
-    rope = ASTSource(fn=rope_kernel._rotate_first_head_kernel,
-                     signature={"qkv_ptr": pointer, "angles_ptr": "*fp32", "n_frames": "i32", "token_stride": "i32", "k_offset": "i32",
-                                "HALF": "constexpr", "BLOCK_T": "constexpr"},
-                     constexprs={"HALF": 32, "BLOCK_T": rope_kernel.BLOCK_TOKENS})
-    conv = ASTSource(fn=conv_kernel._conv_mish_kernel,
-                     signature={"x_ptr": pointer, "w_ptr": pointer, "bias_ptr": pointer, "lengths_ptr": "*i32", "out_ptr": pointer,
-                                "n_frames": "i32", "dim": "i32", "KERNEL": "constexpr", "GROUPS": "constexpr", "CHANNELS": "constexpr",
-                                "BLOCK_T": "constexpr"},
-                     constexprs={"KERNEL": 31, "GROUPS": 16, "CHANNELS": 64, "BLOCK_T": conv_kernel.BLOCK_FRAMES})
-    q_tile, k_tile = (f"tensordesc<{dtype}[{rows},64]>" for rows in (padded_attention.BLOCK_QUERIES, padded_attention.BLOCK_KEYS))
-    attention = ASTSource(fn=padded_attention._attention_kernel,
-                          signature={"q_desc": q_tile, "k_desc": k_tile, "v_desc": k_tile, "o_ptr": pointer, "lengths_ptr": "*i32",
-                                     **{name: "i32" for name in ("n_frames", "heads", "o_stride_b", "o_stride_n", "o_stride_h")},
-                                     "scale_log2": "fp32", "HEAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                          constexprs={"HEAD": 64, "BLOCK_M": padded_attention.BLOCK_QUERIES, "BLOCK_N": padded_attention.BLOCK_KEYS})
+    rope = ASTSource(
+        fn=rope_kernel._rotate_first_head_kernel,
+        signature={
+            "qkv_ptr": pointer,
+            "angles_ptr": "*fp32",
+            "n_frames": "i32",
+            "token_stride": "i32",
+            "k_offset": "i32",
+            "HALF": "constexpr",
+            "BLOCK_T": "constexpr",
+        },
+        constexprs={"HALF": 32, "BLOCK_T": rope_kernel.BLOCK_TOKENS},
+    )
+    conv = ASTSource(
+        fn=conv_kernel._conv_mish_kernel,
+        signature={
+            "x_ptr": pointer,
+            "w_ptr": pointer,
+            "bias_ptr": pointer,
+            "lengths_ptr": "*i32",
+            "out_ptr": pointer,
+            "n_frames": "i32",
+            "dim": "i32",
+            "KERNEL": "constexpr",
+            "GROUPS": "constexpr",
+            "CHANNELS": "constexpr",
+            "BLOCK_T": "constexpr",
+        },
+        constexprs={"KERNEL": 31, "GROUPS": 16, "CHANNELS": 64, "BLOCK_T": conv_kernel.BLOCK_FRAMES},
+    )
+    q_tile, k_tile = (
+        f"tensordesc<{dtype}[{rows},64]>" for rows in (padded_attention.BLOCK_QUERIES, padded_attention.BLOCK_KEYS)
+    )
+    attention = ASTSource(
+        fn=padded_attention._attention_kernel,
+        signature={
+            "q_desc": q_tile,
+            "k_desc": k_tile,
+            "v_desc": k_tile,
+            "o_ptr": pointer,
+            "lengths_ptr": "*i32",
+            **{name: "i32" for name in ("n_frames", "heads", "o_stride_b", "o_stride_n", "o_stride_h")},
+            "scale_log2": "fp32",
+            "HEAD": "constexpr",
+            "BLOCK_M": "constexpr",
+            "BLOCK_N": "constexpr",
+        },
+        constexprs={"HEAD": 64, "BLOCK_M": padded_attention.BLOCK_QUERIES, "BLOCK_N": padded_attention.BLOCK_KEYS},
+    )
     for source, warps in ((rope, 4), (conv, conv_kernel.WARPS), (attention, padded_attention.WARPS)):
         compiled = triton_compile(source, target=hopper, options={"num_warps": warps})
         assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"], source.fn
     assert "cp.async.bulk.tensor" in compiled.asm["ptx"]  # the last one, attention's: q, k and v tiles by TMA
     ampere = triton_compile(attention, target=GPUTarget("cuda", 86, 32), options={"num_warps": padded_attention.WARPS})
-    assert ".target sm_86" in ampere.asm["ptx"] and "cp.async.bulk.tensor" not in ampere.asm["ptx"]  # no TMA there: plain loads
+    assert (
+        ".target sm_86" in ampere.asm["ptx"] and "cp.async.bulk.tensor" not in ampere.asm["ptx"]
+    )  # no TMA there: plain loads
 
 
 def test_a_batch_padded_to_a_batch_size_renders_each_row_as_alone(checkpoint):
@@ -319,12 +384,13 @@ def test_a_batch_padded_to_a_batch_size_renders_each_row_as_alone(checkpoint):
     together = sample(engine, cond, text, frames, ref_lens=refs, nfe=3, seed=[1, 2, 3])
     for row, (c, t, n) in enumerate(zip(conds, ids, frames)):
         alone = sample(engine, c, t, [n], nfe=3, seed=row + 1)
-        assert torch.equal(together[row:row + 1, :n], alone), row
+        assert torch.equal(together[row : row + 1, :n], alone), row
 
 
 def test_max_batch_follows_the_token_budget(checkpoint):
-    engine = CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128, 256, 512), batch_sizes=(1, 2, 4, 8),
-                                                                  max_tokens=1024))
+    engine = CompiledEngine(
+        build_model(checkpoint), EngineFlags(buckets=(128, 256, 512), batch_sizes=(1, 2, 4, 8), max_tokens=1024)
+    )
     assert [engine.max_batch(n) for n in (100, 200, 500)] == [8, 4, 2]
 
 
@@ -332,7 +398,9 @@ def test_max_batch_follows_the_token_budget(checkpoint):
 def test_captured_shapes_serve_every_batch_without_capturing_again(checkpoint):
     """After capture(max_batch=4), batches of 1 to 4 rows at any length and either schedule replay
     what was captured (the counter stays), and each row equals the same engine sampling it alone."""
-    engine = CompiledEngine(build_model(checkpoint, "cuda", torch.float16), EngineFlags(buckets=(128, 256), batch_sizes=(1, 2, 4)))
+    engine = CompiledEngine(
+        build_model(checkpoint, "cuda", torch.float16), EngineFlags(buckets=(128, 256), batch_sizes=(1, 2, 4))
+    )
     with torch.inference_mode():
         engine.capture(max_batch=4)
     captured = engine.captures
@@ -344,10 +412,27 @@ def test_captured_shapes_serve_every_batch_without_capturing_again(checkpoint):
     cond = torch.nn.utils.rnn.pad_sequence([c[0] for c in conds], batch_first=True)
     text = torch.nn.utils.rnn.pad_sequence([t[0] for t in texts], batch_first=True, padding_value=-1)
     for schedule in ("uniform", "epss"):
-        together = sample(engine, cond, text, frames, ref_lens=[30, 31, 32], nfe=7, schedule=schedule, seed=[1, 2, 3],
-                          dtype=engine.state_dtype)
+        together = sample(
+            engine,
+            cond,
+            text,
+            frames,
+            ref_lens=[30, 31, 32],
+            nfe=7,
+            schedule=schedule,
+            seed=[1, 2, 3],
+            dtype=engine.state_dtype,
+        )
         for row in range(3):
-            alone = sample(engine, conds[row], texts[row], [frames[row]], nfe=7, schedule=schedule, seed=row + 1,
-                           dtype=engine.state_dtype)
-            assert rel_l2(together[row:row + 1, :frames[row]], alone) <= 2e-3, (schedule, row)
+            alone = sample(
+                engine,
+                conds[row],
+                texts[row],
+                [frames[row]],
+                nfe=7,
+                schedule=schedule,
+                seed=row + 1,
+                dtype=engine.state_dtype,
+            )
+            assert rel_l2(together[row : row + 1, : frames[row]], alone) <= 2e-3, (schedule, row)
     assert engine.captures == captured

@@ -23,8 +23,17 @@ from indicf5.parity import ParityConfig
 from indicf5.settings import Settings
 from indicf5.store import ArtifactStore
 
-RUNBOOK_STAGES = ("resolve_revision", "download_snapshot", "export_transformer", "check_environment", "convert_checkpoint",
-                  "build_engine", "verify_parity", "benchmark", "register")
+RUNBOOK_STAGES = (
+    "resolve_revision",
+    "download_snapshot",
+    "export_transformer",
+    "check_environment",
+    "convert_checkpoint",
+    "build_engine",
+    "verify_parity",
+    "benchmark",
+    "register",
+)
 SMALL = dict(bench_lengths=[120], nfe=8, parity=ParityConfig(lengths=[64, 150], nfe=4))
 
 
@@ -64,8 +73,9 @@ def test_rebuild_of_an_unchanged_build_is_all_cached_in_its_own_workspace(home, 
     assert engine.is_relative_to(other) and (engine / "engine.json").is_file()
     assert str(other) in again.tracking_uri
     client = MlflowClient(again.tracking_uri)
-    children = client.search_runs([client.get_run(again.mlflow_run_id).info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{again.mlflow_run_id}'")
+    children = client.search_runs(
+        [client.get_run(again.mlflow_run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{again.mlflow_run_id}'"
+    )
     assert [r.data.tags["indicf5.engine_path"] for r in children] == [str(engine)]
 
 
@@ -118,8 +128,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-SMALL_CLI_BUILD = ["build", "--synthetic", "--dtype", "fp32", "--bench-lengths", "120", "--nfe", "8",
-                   "--parity-nfe", "4"]
+SMALL_CLI_BUILD = [
+    "build",
+    "--synthetic",
+    "--dtype",
+    "fp32",
+    "--bench-lengths",
+    "120",
+    "--nfe",
+    "8",
+    "--parity-nfe",
+    "4",
+]
 
 
 def cli_build(*args, env=None, **popen):
@@ -139,8 +159,9 @@ def test_sigkill_of_the_command_during_build_leaves_nothing_running_and_the_reru
     try:
         deadline = time.time() + 300
         while not (tmp_path / "started").exists():
-            assert proc.poll() is None and time.time() < deadline, \
+            assert proc.poll() is None and time.time() < deadline, (
                 f"the build never reached build_engine:\n{(tmp_path / 'stderr').read_text()[-3000:]}"
+            )
             time.sleep(0.2)
         assert len(processes_in_group(proc.pid)) >= 2  # the command and Prefect's temporary server
         proc.kill()  # the command only, as `kill -9 PID` does: its server must go with it
@@ -189,8 +210,9 @@ def test_two_builds_started_together_on_a_new_workspace_both_succeed_with_one_re
     ready.mkdir()
     env = dict(os.environ, READY_DIR=str(ready))
     cmd = [sys.executable, "-c", BUILD_TOGETHER, *SMALL_CLI_BUILD]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -198,8 +220,9 @@ def test_two_builds_started_together_on_a_new_workspace_both_succeed_with_one_re
         assert len(list((home / stage).iterdir())) == 1, f"{stage}: {list((home / stage).iterdir())}"
     assert engine_path(outputs[0][0]) == engine_path(outputs[1][0])
     client = MlflowClient(Settings().tracking_uri)
-    builds = client.search_runs([client.get_experiment_by_name(Settings().mlflow_experiment).experiment_id],
-                                "tags.`indicf5.kind` = 'build'")
+    builds = client.search_runs(
+        [client.get_experiment_by_name(Settings().mlflow_experiment).experiment_id], "tags.`indicf5.kind` = 'build'"
+    )
     assert len(builds) == 1 and all(f"MLflow run {builds[0].info.run_id}" in out for out, _ in outputs)
 
 
@@ -213,8 +236,10 @@ def test_a_failing_branch_does_not_stop_the_others(home, prefect_api):
     assert summary.stages["eager-fp16/verify_parity"] == "Failed"
     assert "eager-fp16/benchmark" not in summary.stages
     client = MlflowClient(Settings().tracking_uri)
-    children = client.search_runs([client.get_run(summary.mlflow_run_id).info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}'")
+    children = client.search_runs(
+        [client.get_run(summary.mlflow_run_id).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}'",
+    )
     assert [r.data.tags["indicf5.dtype"] for r in children] == ["fp32"]  # the failed branch registered nothing
 
 
@@ -250,16 +275,40 @@ def test_mlflow_records_the_build_and_no_secret_leaks(home, hub, prefect_api, mo
         params, metrics = run.data.params, run.data.metrics
         assert params["backend"] == "eager" and params["sha"] == sha and params["nfe"] == "8"
         assert {"torch", "python", "gpu", "cuda"} <= set(params)
-        for m in ("build_seconds", "convert_seconds", "verify_seconds", "benchmark_seconds", "engine_bytes",
-                  "parity_worst_rel_l2", "peak_memory_mb"):
+        for m in (
+            "build_seconds",
+            "convert_seconds",
+            "verify_seconds",
+            "benchmark_seconds",
+            "engine_bytes",
+            "parity_worst_rel_l2",
+            "peak_memory_mb",
+        ):
             assert m in metrics, m
-        for m, lengths in (("parity_mel_rel_l2", {64, 150}), ("end_to_end_p50_ms", {120}), ("loop_p95_ms", {120}),
-                           ("vocoder_p50_ms", {120}), ("step_p50_ms", {120}), ("rtf", {120})):
+        for m, lengths in (
+            ("parity_mel_rel_l2", {64, 150}),
+            ("end_to_end_p50_ms", {120}),
+            ("loop_p95_ms", {120}),
+            ("vocoder_p50_ms", {120}),
+            ("step_p50_ms", {120}),
+            ("rtf", {120}),
+        ):
             assert {h.step for h in client.get_metric_history(run.info.run_id, m)} == lengths, m  # the length as step
         assert metrics["engine_bytes"] > 0
-        artifacts = {a.path for folder in ("results", "manifests", "engine") for a in client.list_artifacts(run.info.run_id, folder)}
-        assert {"results/parity.json", "results/benchmark.json", "results/sample.wav", "results/mel.png",
-                "results/latency.png", "manifests/engine_manifest.json", "engine/engine.json"} <= artifacts
+        artifacts = {
+            a.path
+            for folder in ("results", "manifests", "engine")
+            for a in client.list_artifacts(run.info.run_id, folder)
+        }
+        assert {
+            "results/parity.json",
+            "results/benchmark.json",
+            "results/sample.wav",
+            "results/mel.png",
+            "results/latency.png",
+            "manifests/engine_manifest.json",
+            "engine/engine.json",
+        } <= artifacts
 
     assert any(auth == f"Bearer {secret}" for _, _, auth in hub.requests)  # the gated repo was read with it
 

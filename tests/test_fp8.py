@@ -23,7 +23,7 @@ def test_rows_quantize_within_e4m3_rounding():
     back = fp8.dequantize(q, scale)
     assert torch.equal(back[5], torch.zeros(256))
     rows = [i for i in range(64) if i != 5]
-    per_row = ((back - x)[rows].norm(dim=-1) / x[rows].norm(dim=-1))
+    per_row = (back - x)[rows].norm(dim=-1) / x[rows].norm(dim=-1)
     assert per_row.max() <= 0.04  # e4m3 has 3 mantissa bits: a relative rounding of at most 2^-4 per element
 
 
@@ -37,7 +37,9 @@ def test_the_fp8_linear_is_the_float_linear_within_the_rounding_of_its_operands(
     got = layer(x)
     assert got.shape == want.shape and 1e-4 < rel_l2(got, want) <= 0.05
     x_q, x_scale = fp8.quantize_rows(x.flatten(0, 1))  # exactly the quantized operands' product, plus the bias
-    exact = fp8.dequantize(x_q, x_scale) @ fp8.dequantize(layer.weight, layer.scale).t() + bias.to(torch.bfloat16).float()
+    exact = (
+        fp8.dequantize(x_q, x_scale) @ fp8.dequantize(layer.weight, layer.scale).t() + bias.to(torch.bfloat16).float()
+    )
     assert torch.allclose(got.flatten(0, 1), exact, rtol=1e-6, atol=1e-6)
     gelu = fp8.Fp8Linear.of(weight, bias, torch.float32, gelu=True)(x)
     assert torch.allclose(gelu, torch.nn.functional.gelu(got, approximate="tanh"), rtol=1e-6, atol=1e-6)
@@ -57,14 +59,17 @@ def test_quantized_block_weights_survive_the_engine_file(checkpoint, tmp_path):
 
 
 def test_fp8_is_refused_without_fp8_tensor_cores(checkpoint):
-    with pytest.raises(ValueError, match=r"precision 'fp8' runs FP8 tensor-core GEMMs on a CUDA GPU \(Hopper or Ada\), not cpu"):
+    with pytest.raises(
+        ValueError, match=r"precision 'fp8' runs FP8 tensor-core GEMMs on a CUDA GPU \(Hopper or Ada\), not cpu"
+    ):
         CompiledEngine(build_model(checkpoint, "cpu", torch.float16), EngineFlags(buckets=(128,), precision="fp8"))
     with pytest.raises(ValueError, match="runs inside an fp16 or bf16 engine"):
         CompiledEngine(build_model(checkpoint), EngineFlags(buckets=(128,), precision="fp8"))
 
 
-CUDA_FP8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                              reason="needs FP8 tensor cores")
+CUDA_FP8 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
+)
 
 
 @CUDA_FP8
@@ -112,4 +117,6 @@ def test_the_parity_gate_holds_fp8_engines_to_their_own_threshold(checkpoint):
     config = ParityConfig(lengths=[60], nfe=2)
     report = check_parity(reference, Fp8Like(), "fp32", checkpoint.config.text_num_embeds, "cpu", config)
     assert report.threshold == config.thresholds["fp8"] == 1.5e-2 and report.passed
-    assert check_parity(reference, reference, "fp32", checkpoint.config.text_num_embeds, "cpu", config).threshold == 1e-4
+    assert (
+        check_parity(reference, reference, "fp32", checkpoint.config.text_num_embeds, "cpu", config).threshold == 1e-4
+    )

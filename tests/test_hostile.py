@@ -40,8 +40,13 @@ def wav(snapshot) -> bytes:
 
 
 def add_voice(url: str, name: str, audio: bytes, filename: str = "r.wav", headers=AUTH) -> httpx.Response:
-    return httpx.post(f"{url}/v1/voices", data={"name": name, "ref_text": "नमस्ते"}, files={"audio": (filename, audio)},
-                      headers=headers, timeout=60)
+    return httpx.post(
+        f"{url}/v1/voices",
+        data={"name": name, "ref_text": "नमस्ते"},
+        files={"audio": (filename, audio)},
+        headers=headers,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +58,12 @@ def server(engine, wav, tmp_path_factory):
 
 
 def speech(server, headers=AUTH, **body) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/audio/speech", json={"input": TEXT, "voice": "test", "seed": 5, **body},
-                      headers=headers, timeout=120)
+    return httpx.post(
+        f"{server.url}/v1/audio/speech",
+        json={"input": TEXT, "voice": "test", "seed": 5, **body},
+        headers=headers,
+        timeout=120,
+    )
 
 
 def still_serving(server) -> None:
@@ -86,9 +95,12 @@ def test_a_seed_out_of_range_is_422_and_its_batch_mates_succeed(server):
     assert "seed" in error_of(responses[3], 422)
     assert "seed" in error_of(speech(server, seed=-1), 422)
     assert speech(server, seed=2**63 - 1).status_code == 200
-    form = httpx.post(f"{server.url}/v1/synthesize", headers=AUTH,
-                      data={"text": TEXT, "ref_text": "नमस्ते", "seed": str(2**64)},
-                      files={"ref_audio": ("r.wav", b"RIFF")})
+    form = httpx.post(
+        f"{server.url}/v1/synthesize",
+        headers=AUTH,
+        data={"text": TEXT, "ref_text": "नमस्ते", "seed": str(2**64)},
+        files={"ref_audio": ("r.wav", b"RIFF")},
+    )
     assert "seed" in error_of(form, 422)
 
 
@@ -108,8 +120,13 @@ def test_a_small_upload_of_a_long_clip_is_refused_from_its_header(server, tmp_pa
     before = peak_rss_kb(server)
     message = error_of(add_voice(server.url, "long", flac, "long.flac"), 413)
     assert "1800.0 s" in message and "60 s" in message
-    by_upload = httpx.post(f"{server.url}/v1/synthesize", headers=AUTH, data={"text": TEXT, "ref_text": "नमस्ते"},
-                           files={"ref_audio": ("long.flac", flac)}, timeout=60)
+    by_upload = httpx.post(
+        f"{server.url}/v1/synthesize",
+        headers=AUTH,
+        data={"text": TEXT, "ref_text": "नमस्ते"},
+        files={"ref_audio": ("long.flac", flac)},
+        timeout=60,
+    )
     assert "60 s" in error_of(by_upload, 413)
     growth_mb = (peak_rss_kb(server) - before) / 1024
     assert growth_mb < 50, f"the server's peak RSS grew by {growth_mb:.0f} MB"
@@ -122,8 +139,10 @@ def chunked_post(server, path: str, content_type: str, head: bytes, total: int) 
     sending when the answer arrives: (status, JSON body, bytes sent by then)."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
     with sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
-                     f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
         sent, chunk = 0, head
         while sent < total and not select.select([sock], [], [], 0)[0]:
             sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
@@ -144,11 +163,13 @@ def chunked_post(server, path: str, content_type: str, head: bytes, total: int) 
 def test_a_chunked_body_is_refused_once_it_passes_the_limit(server, route):
     before = peak_rss_kb(server)
     if route == "json":
-        status, body, sent = chunked_post(server, "/v1/audio/speech", "application/json", b'{"input": "' + b"a" * 100,
-                                          200 * 2**20)
+        status, body, sent = chunked_post(
+            server, "/v1/audio/speech", "application/json", b'{"input": "' + b"a" * 100, 200 * 2**20
+        )
     else:
-        head = (b'--xx\r\nContent-Disposition: form-data; name="audio"; filename="r.wav"\r\n'
-                b"Content-Type: audio/wav\r\n\r\n")
+        head = (
+            b'--xx\r\nContent-Disposition: form-data; name="audio"; filename="r.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+        )
         status, body, sent = chunked_post(server, "/v1/voices", "multipart/form-data; boundary=xx", head, 200 * 2**20)
     assert status == 413 and body["error"]["code"] == 413 and "the limit is" in body["error"]["message"]
     assert sent < 60 * 2**20, f"the answer came after {sent >> 20} MB of a body over the 10 MB limit"
@@ -173,9 +194,13 @@ def test_any_upload_file_name_is_taken(server, wav, filename):
     r = add_voice(server.url, "named", wav, filename)
     assert r.status_code == 201, r.text
     assert httpx.delete(f"{server.url}/v1/voices/named", headers=AUTH).status_code == 204
-    by_upload = httpx.post(f"{server.url}/v1/synthesize", headers=AUTH,
-                           data={"text": TEXT, "ref_text": "नमस्ते", "seed": "5"}, files={"ref_audio": (filename, wav)},
-                           timeout=120)
+    by_upload = httpx.post(
+        f"{server.url}/v1/synthesize",
+        headers=AUTH,
+        data={"text": TEXT, "ref_text": "नमस्ते", "seed": "5"},
+        files={"ref_audio": (filename, wav)},
+        timeout=120,
+    )
     assert by_upload.status_code == 200, by_upload.text
 
 
@@ -185,8 +210,12 @@ def test_a_voice_name_with_a_trailing_newline_is_refused(server, wav):
 
 
 def test_errors_name_the_upload_never_a_temporary_path(server):
-    r = httpx.post(f"{server.url}/v1/synthesize", headers=AUTH, data={"text": TEXT, "ref_text": "नमस्ते"},
-                   files={"ref_audio": ("mine.wav", b"not audio at all" * 100)})
+    r = httpx.post(
+        f"{server.url}/v1/synthesize",
+        headers=AUTH,
+        data={"text": TEXT, "ref_text": "नमस्ते"},
+        files={"ref_audio": ("mine.wav", b"not audio at all" * 100)},
+    )
     message = error_of(r, 400)
     assert "mine.wav" in message and tempfile.gettempdir() not in message and "upload" not in message
     still_serving(server)
@@ -196,8 +225,12 @@ def test_errors_name_the_upload_never_a_temporary_path(server):
 
 
 def test_media_types_are_case_insensitive(server):
-    r = httpx.post(f"{server.url}/v1/audio/speech", content=json.dumps({"input": TEXT, "voice": "test", "seed": 5}),
-                   headers={**AUTH, "content-type": "Application/JSON"}, timeout=120)
+    r = httpx.post(
+        f"{server.url}/v1/audio/speech",
+        content=json.dumps({"input": TEXT, "voice": "test", "seed": 5}),
+        headers={**AUTH, "content-type": "Application/JSON"},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
 
 
@@ -205,7 +238,7 @@ def test_media_types_are_case_insensitive(server):
 def test_protocol_errors_answer_the_error_envelope(server, case):
     url = f"{server.url}/v1/audio/speech"
     json_type = {**AUTH, "content-type": "application/json"}
-    post = lambda body: httpx.post(url, content=body, headers=json_type)  # noqa: E731
+    post = lambda body: httpx.post(url, content=body, headers=json_type)
     r, status = {
         "404": lambda: (httpx.get(f"{server.url}/nowhere", headers=AUTH), 404),
         "405": lambda: (httpx.get(url, headers=AUTH), 405),
@@ -227,9 +260,21 @@ def test_docs_render_from_local_assets(server, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("no chromium to render the page")
-    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
-                          "--virtual-time-budget=15000", "--dump-dom", f"{server.url}/docs"],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path}",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            f"{server.url}/docs",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "IndicF5 TTS" in dom and "/v1/audio/speech" in dom  # Swagger UI ran and drew the API
 
 
@@ -272,8 +317,9 @@ def test_voice_count_and_disk_quotas_answer_507(engine, wav, tmp_path):
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "indicf5.cli", "serve", *args], capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "indicf5.cli", "serve", *args], capture_output=True, text=True, timeout=180
+    )
 
 
 def test_serve_on_a_port_in_use_exits_2_with_one_line(engine):

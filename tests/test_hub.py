@@ -66,8 +66,13 @@ def test_gated_repo_with_token_resolves(local_hub, monkeypatch):
     assert hub_lib.resolve_revision(REPO, "main").sha == local_hub.repos[REPO].refs["main"]
 
 
-@pytest.mark.parametrize("repo_id,revision,message", [(REPO, "no-such-branch", "revision 'no-such-branch' not found"),
-                                                      ("someone/missing", "main", "not found, or private")])
+@pytest.mark.parametrize(
+    "repo_id,revision,message",
+    [
+        (REPO, "no-such-branch", "revision 'no-such-branch' not found"),
+        ("someone/missing", "main", "not found, or private"),
+    ],
+)
 def test_missing_repo_or_revision_fails_at_once(local_hub, repo_id, revision, message):
     with pytest.raises(HubAccessError, match=message):
         resolve_revision(repo_id, revision)

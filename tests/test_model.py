@@ -53,7 +53,12 @@ def test_forward_detects_a_wrong_weight():
         x = torch.randn(1, 40, 100)
         text = torch.randint(0, 40, (1, 20))
         t = torch.tensor([0.3])
-        assert rel_l2(ours(x, x, ours.embed_text(text, 40), t), theirs(x, x, text, t, drop_audio_cond=False, drop_text=False)) > 1e-5
+        assert (
+            rel_l2(
+                ours(x, x, ours.embed_text(text, 40), t), theirs(x, x, text, t, drop_audio_cond=False, drop_text=False)
+            )
+            > 1e-5
+        )
 
 
 @pytest.mark.parametrize("nfe,frames,cfg", [(8, 130, 2.0), (32, 260, 2.0), (16, 90, 0.0)])
@@ -66,7 +71,9 @@ def test_sampler_matches_upstream_cfm(nfe, frames, cfg):
     cond = torch.randn(1, 50, 100)
     text = torch.randint(0, config.text_num_embeds, (1, 30))
     with torch.no_grad():
-        expected, _ = cfm.sample(cond, text, frames, steps=nfe, cfg_strength=cfg, sway_sampling_coef=-1.0, seed=7, use_epss=False)
+        expected, _ = cfm.sample(
+            cond, text, frames, steps=nfe, cfg_strength=cfg, sway_sampling_coef=-1.0, seed=7, use_epss=False
+        )
     got = sample(ours, cond, text, [frames], nfe=nfe, cfg_strength=cfg, sway_coef=-1.0, seed=7)
     assert got.shape == expected.shape == (1, frames, 100)
     assert rel_l2(got, expected) <= 1e-4
@@ -84,7 +91,9 @@ def test_epss_schedule_matches_upstream_cfm(nfe):
     torch.manual_seed(6)
     cond, text = torch.randn(1, 40, 100), torch.randint(0, config.text_num_embeds, (1, 25))
     with torch.no_grad():
-        expected, _ = cfm.sample(cond, text, 120, steps=nfe, cfg_strength=2.0, sway_sampling_coef=-1.0, seed=3, use_epss=True)
+        expected, _ = cfm.sample(
+            cond, text, 120, steps=nfe, cfg_strength=2.0, sway_sampling_coef=-1.0, seed=3, use_epss=True
+        )
     got = sample(ours, cond, text, [120], nfe=nfe, sway_coef=-1.0, schedule="epss", seed=3)
     assert rel_l2(got, expected) <= 1e-4
     uniform = sample(ours, cond, text, [120], nfe=nfe, sway_coef=-1.0, seed=3)
@@ -108,7 +117,7 @@ def test_text_embedding_with_a_mask_embeds_each_row_as_alone():
     with torch.no_grad():
         got = embed(text, 60, lengths_to_mask(torch.tensor(lengths), 60))
         for row, n in enumerate(lengths):
-            assert rel_l2(got[row:row + 1, :n], embed(text[row:row + 1], n)) <= 1e-6, row
+            assert rel_l2(got[row : row + 1, :n], embed(text[row : row + 1], n)) <= 1e-6, row
             assert not got[row, n:].any(), row
         assert rel_l2(embed(text, 60)[1, :35], got[1, :35]) > 1e-3  # unmasked, the padding does leak in
 
@@ -124,7 +133,9 @@ def test_batch_rows_equal_single_rows():
     alone = [sample(model, c, t, [f], nfe=6, seed=5) for c, t, f in zip(conds, texts, frames)]
     cond = torch.nn.functional.pad(conds[1], (0, 0, 0, 15))
     text = torch.nn.functional.pad(texts[1], (0, 18), value=-1)
-    batched = sample(model, torch.cat((conds[0], cond)), torch.cat((texts[0], text)), frames, ref_lens=[40, 25], nfe=6, seed=5)
+    batched = sample(
+        model, torch.cat((conds[0], cond)), torch.cat((texts[0], text)), frames, ref_lens=[40, 25], nfe=6, seed=5
+    )
     assert rel_l2(batched[:1], alone[0]) <= 1e-5
     assert rel_l2(batched[1:, :70], alone[1]) <= 1e-5
 

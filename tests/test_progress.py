@@ -15,8 +15,14 @@ def test_parity_and_benchmark_report_the_length_and_repeat_they_are_at(checkpoin
     seen: list[str] = []
     with progress.listening(seen.append):
         check_parity(model, model, "fp32", vocab, "cpu", ParityConfig(lengths=[64, 80], nfe=2))
-        benchmark_engine(model, load_vocoder(checkpoint.vocoder), "fp32", vocab, "cpu",
-                         BenchmarkConfig(lengths=[64, 80], nfe=2, warmup=1, repeats=2))
+        benchmark_engine(
+            model,
+            load_vocoder(checkpoint.vocoder),
+            "fp32",
+            vocab,
+            "cpu",
+            BenchmarkConfig(lengths=[64, 80], nfe=2, warmup=1, repeats=2),
+        )
     assert seen[:2] == ["length 64 (1 of 2)", "length 80 (2 of 2)"]
     assert "length 80 (2 of 2): end to end, repeat 2 of 2" in seen and "length 64 (1 of 2): step, warm-up" in seen
     progress.report("nobody listens")  # without a listener, a report is a no-op

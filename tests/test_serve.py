@@ -33,7 +33,9 @@ TEXT = "नमस्ते दुनिया"
 class Server(ServerProcess):
     def __init__(self, engine: Path, home: Path, *args: str, env: dict[str, str] | None = None):
         home.mkdir(parents=True, exist_ok=True)
-        super().__init__(engine, home / "server.log", *args, env={"INDICF5_HOME": str(home), **(env or {})}, ready_timeout_s=180)
+        super().__init__(
+            engine, home / "server.log", *args, env={"INDICF5_HOME": str(home), **(env or {})}, ready_timeout_s=180
+        )
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics").text
@@ -56,28 +58,56 @@ def server(engine, snapshot, tmp_path_factory):
     server = Server(engine, tmp_path_factory.mktemp("home"), "--max-batch", "8")
     ref_text = (snapshot / "reference.txt").read_text().strip()
     with (snapshot / "reference.wav").open("rb") as f:
-        r = httpx.post(f"{server.url}/v1/voices", data={"name": "test", "ref_text": ref_text}, files={"audio": ("reference.wav", f)})
+        r = httpx.post(
+            f"{server.url}/v1/voices",
+            data={"name": "test", "ref_text": ref_text},
+            files={"audio": ("reference.wav", f)},
+        )
     assert r.status_code == 201, r.text
     yield server
     server.stop()
 
 
 def speech(server: Server, text: str = TEXT, seed: int | None = 5, **extra) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/audio/speech", json={"input": text, "voice": "test", "seed": seed, **extra}, timeout=120)
+    return httpx.post(
+        f"{server.url}/v1/audio/speech", json={"input": text, "voice": "test", "seed": seed, **extra}, timeout=120
+    )
 
 
 def test_audio_equals_the_cli_synth_output(server, engine, snapshot, tmp_path):
     out = tmp_path / "cli.wav"
-    subprocess.run([sys.executable, "-m", "indicf5.cli", "synth", "--engine", str(engine), "--text", TEXT,
-                    "--ref-audio", str(snapshot / "reference.wav"), "--seed", "5", "--out", str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "indicf5.cli",
+            "synth",
+            "--engine",
+            str(engine),
+            "--text",
+            TEXT,
+            "--ref-audio",
+            str(snapshot / "reference.wav"),
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
     by_voice = speech(server)
     assert by_voice.status_code == 200 and by_voice.headers["content-type"] == "audio/wav"
     assert by_voice.content == out.read_bytes()
 
     ref_text = (snapshot / "reference.txt").read_text().strip()
     with (snapshot / "reference.wav").open("rb") as f:
-        by_upload = httpx.post(f"{server.url}/v1/synthesize", data={"text": TEXT, "ref_text": ref_text, "seed": "5"},
-                               files={"ref_audio": ("reference.wav", f, "audio/wav")}, timeout=120)
+        by_upload = httpx.post(
+            f"{server.url}/v1/synthesize",
+            data={"text": TEXT, "ref_text": ref_text, "seed": "5"},
+            files={"ref_audio": ("reference.wav", f, "audio/wav")},
+            timeout=120,
+        )
     assert by_upload.status_code == 200 and by_upload.content == out.read_bytes()
 
 
@@ -105,8 +135,11 @@ def test_concurrent_requests_are_batched_and_all_succeed(server):
     alone = {t: samples(speech(server, t).content).astype(np.float64) for t in texts}
     batches_before, rows_before = server.metric("indicf5_batch_rows_count"), server.metric("indicf5_batch_rows_sum")
     with httpx.Client(limits=httpx.Limits(max_connections=8), timeout=300) as client, ThreadPoolExecutor(8) as pool:
-        post = lambda i: client.post(f"{server.url}/v1/audio/speech",  # noqa: E731
-                                     json={"input": texts[i % 2], "voice": "test", "seed": 5})
+
+        def post(i):
+            body = {"input": texts[i % 2], "voice": "test", "seed": 5}
+            return client.post(f"{server.url}/v1/audio/speech", json=body)
+
         responses = list(pool.map(post, range(64)))
     assert [r.status_code for r in responses] == [200] * 64
     for i, r in enumerate(responses):  # a row's audio does not depend on its batch-mates
@@ -117,9 +150,24 @@ def test_concurrent_requests_are_batched_and_all_succeed(server):
     assert rows == 64 and batches < 64, f"{batches} batches for 64 rows: nothing was batched"
 
 
-@pytest.mark.parametrize("case", ["empty", "too_long", "unknown_voice", "format", "content_type", "garbage_upload",
-                                  "empty_upload", "oversized_upload", "no_ref_text", "bad_voice_name", "voice_exists",
-                                  "unknown_voice_delete", "speed"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "too_long",
+        "unknown_voice",
+        "format",
+        "content_type",
+        "garbage_upload",
+        "empty_upload",
+        "oversized_upload",
+        "no_ref_text",
+        "bad_voice_name",
+        "voice_exists",
+        "unknown_voice_delete",
+        "speed",
+    ],
+)
 def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(server, snapshot, case):
     url = server.url
     wav = (snapshot / "reference.wav").read_bytes()
@@ -130,15 +178,36 @@ def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(server, snapshot, c
         "unknown_voice": (lambda: httpx.post(f"{url}/v1/audio/speech", json={"input": TEXT, "voice": "nobody"}), 404),
         "format": (lambda: speech(server, response_format="mp3"), 422),
         "content_type": (lambda: httpx.post(f"{url}/v1/audio/speech", data={"input": TEXT, "voice": "test"}), 415),
-        "garbage_upload": (lambda: httpx.post(f"{url}/v1/synthesize", data=form, files={"ref_audio": ("r.wav", os.urandom(4000))}), 400),
-        "empty_upload": (lambda: httpx.post(f"{url}/v1/synthesize", data=form, files={"ref_audio": ("r.wav", b"")}), 400),
-        "oversized_upload": (lambda: httpx.post(f"{url}/v1/synthesize", data=form,
-                                                files={"ref_audio": ("r.wav", wav + bytes(11 * 2**20))}), 413),
-        "no_ref_text": (lambda: httpx.post(f"{url}/v1/synthesize", data={"text": TEXT}, files={"ref_audio": ("r.wav", wav)}), 422),
-        "bad_voice_name": (lambda: httpx.post(f"{url}/v1/voices", data={"name": "../x", "ref_text": "नमस्ते"},
-                                              files={"audio": ("r.wav", wav)}), 400),
-        "voice_exists": (lambda: httpx.post(f"{url}/v1/voices", data={"name": "test", "ref_text": "नमस्ते"},
-                                            files={"audio": ("r.wav", wav)}), 409),
+        "garbage_upload": (
+            lambda: httpx.post(f"{url}/v1/synthesize", data=form, files={"ref_audio": ("r.wav", os.urandom(4000))}),
+            400,
+        ),
+        "empty_upload": (
+            lambda: httpx.post(f"{url}/v1/synthesize", data=form, files={"ref_audio": ("r.wav", b"")}),
+            400,
+        ),
+        "oversized_upload": (
+            lambda: httpx.post(
+                f"{url}/v1/synthesize", data=form, files={"ref_audio": ("r.wav", wav + bytes(11 * 2**20))}
+            ),
+            413,
+        ),
+        "no_ref_text": (
+            lambda: httpx.post(f"{url}/v1/synthesize", data={"text": TEXT}, files={"ref_audio": ("r.wav", wav)}),
+            422,
+        ),
+        "bad_voice_name": (
+            lambda: httpx.post(
+                f"{url}/v1/voices", data={"name": "../x", "ref_text": "नमस्ते"}, files={"audio": ("r.wav", wav)}
+            ),
+            400,
+        ),
+        "voice_exists": (
+            lambda: httpx.post(
+                f"{url}/v1/voices", data={"name": "test", "ref_text": "नमस्ते"}, files={"audio": ("r.wav", wav)}
+            ),
+            409,
+        ),
         "unknown_voice_delete": (lambda: httpx.delete(f"{url}/v1/voices/nobody"), 404),
         "speed": (lambda: speech(server, speed=10), 422),
     }[case]
@@ -150,7 +219,9 @@ def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(server, snapshot, c
 
 def test_voices_persist_and_can_be_deleted(server, snapshot):
     wav = (snapshot / "reference.wav").read_bytes()
-    r = httpx.post(f"{server.url}/v1/voices", data={"name": "second", "ref_text": "नमस्ते"}, files={"audio": ("b.wav", wav)})
+    r = httpx.post(
+        f"{server.url}/v1/voices", data={"name": "second", "ref_text": "नमस्ते"}, files={"audio": ("b.wav", wav)}
+    )
     assert r.status_code == 201 and r.json()["seconds"] > 0
     assert {v["name"] for v in httpx.get(f"{server.url}/v1/voices").json()} == {"test", "second"}
     assert httpx.delete(f"{server.url}/v1/voices/second").status_code == 204
@@ -174,7 +245,9 @@ def test_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(engine, 
     try:
         ref_text = (snapshot / "reference.txt").read_text().strip()
         with (snapshot / "reference.wav").open("rb") as f:
-            httpx.post(f"{server.url}/v1/voices", data={"name": "test", "ref_text": ref_text}, files={"audio": ("r.wav", f)})
+            httpx.post(
+                f"{server.url}/v1/voices", data={"name": "test", "ref_text": ref_text}, files={"audio": ("r.wav", f)}
+            )
         with ThreadPoolExecutor(12) as pool:
             responses = list(pool.map(lambda _: speech(server), range(12)))
         codes = sorted(r.status_code for r in responses)
@@ -187,7 +260,9 @@ def test_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(engine, 
             time.sleep(0.5)
             with pytest.raises(httpx.ReadTimeout):  # ... and leaves before its turn
                 httpx.post(f"{server.url}/v1/audio/speech", json={"input": TEXT, "voice": "test"}, timeout=1.0)
-            assert not running.done(), "the running request finished before the waiting client left: the test needs a longer request"
+            assert not running.done(), (
+                "the running request finished before the waiting client left: the test needs a longer request"
+            )
             deadline = time.monotonic() + 5
             while server.metric("indicf5_requests_cancelled_total") < 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -248,8 +323,13 @@ def test_engines_resolve_by_run_id_alias_and_backend_switch(home, tmp_path):
     with mlflow.start_run(experiment_id=experiment, tags={f"{TAG}kind": "build"}) as parent:
         for backend, path in dirs.items():
             path.mkdir()
-            tags = {f"{TAG}kind": "engine", f"{TAG}backend": backend, f"{TAG}dtype": "fp16", f"{TAG}sha": "abc",
-                    f"{TAG}engine_path": str(path)}
+            tags = {
+                f"{TAG}kind": "engine",
+                f"{TAG}backend": backend,
+                f"{TAG}dtype": "fp16",
+                f"{TAG}sha": "abc",
+                f"{TAG}engine_path": str(path),
+            }
             with mlflow.start_run(experiment_id=experiment, nested=True, tags=tags) as run:
                 runs[backend] = (run.info.run_id, register_engine(run, {"backend": backend}))
     MlflowClient().set_registered_model_alias(REGISTERED_MODEL, "champion", runs["compiled"][1])
@@ -281,15 +361,36 @@ def test_the_pytorch_path_runs_a_compiled_engine_but_not_the_reverse(engine, sna
 
 
 def test_serve_refuses_an_unknown_engine_with_exit_2(home):
-    r = subprocess.run([sys.executable, "-m", "indicf5.cli", "serve", "--engine", "champion"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "indicf5.cli", "serve", "--engine", "champion"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     reason = r.stderr.strip().splitlines()[-1]  # (MLflow may log creating its database first)
     assert r.returncode == 2 and reason.startswith("indicf5 serve: 'champion' is neither") and "alias" in reason
 
 
 def test_load_bench_runs_and_reports_every_request(tmp_path):
     out = tmp_path / "load.json"
-    subprocess.run([sys.executable, "bench/load.py", "--synthetic", "--requests", "6", "--concurrency", "3", "--max-batch", "4",
-                    "--out", str(out)], check=True, capture_output=True, timeout=600, cwd=Path(__file__).parents[1])
+    subprocess.run(
+        [
+            sys.executable,
+            "bench/load.py",
+            "--synthetic",
+            "--requests",
+            "6",
+            "--concurrency",
+            "3",
+            "--max-batch",
+            "4",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
+    )
     result = json.loads(out.read_text())["max_batch=4"]
     assert result["ok"] == 6 and result["p50_ms"] > 0 and result["rows_per_batch"] >= 1

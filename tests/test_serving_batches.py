@@ -32,14 +32,28 @@ LONG = "नमस्ते दुनिया, यह एक लंबा वा
 
 @pytest.fixture(scope="module")
 def server(snapshot, tmp_path_factory):
-    engine = engine_from_checkpoint(snapshot, tmp_path_factory.mktemp("engine"), "compiled",
-                                    flags={"buckets": [128, 256, 512, 1024, 2560], "batch_sizes": [1, 2, 4, 8]})
+    engine = engine_from_checkpoint(
+        snapshot,
+        tmp_path_factory.mktemp("engine"),
+        "compiled",
+        flags={"buckets": [128, 256, 512, 1024, 2560], "batch_sizes": [1, 2, 4, 8]},
+    )
     home = tmp_path_factory.mktemp("home")
-    server = ServerProcess(engine, home / "server.log", "--max-batch", "8", "--voices-dir", str(home / "voices"),
-                           env={"INDICF5_HOME": str(home), "TTS_BATCH_WAIT_MS": "200"}, ready_timeout_s=600)
+    server = ServerProcess(
+        engine,
+        home / "server.log",
+        "--max-batch",
+        "8",
+        "--voices-dir",
+        str(home / "voices"),
+        env={"INDICF5_HOME": str(home), "TTS_BATCH_WAIT_MS": "200"},
+        ready_timeout_s=600,
+    )
     ref_text = (snapshot / "reference.txt").read_text().strip()
     with (snapshot / "reference.wav").open("rb") as f:
-        r = httpx.post(f"{server.url}/v1/voices", data={"name": "v", "ref_text": ref_text}, files={"audio": ("reference.wav", f)})
+        r = httpx.post(
+            f"{server.url}/v1/voices", data={"name": "v", "ref_text": ref_text}, files={"audio": ("reference.wav", f)}
+        )
     assert r.status_code == 201, r.text
     server.engine = engine
     yield server
@@ -47,7 +61,9 @@ def server(snapshot, tmp_path_factory):
 
 
 def speech(server, text: str, seed: int, **extra) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/audio/speech", json={"input": text, "voice": "v", "seed": seed, **extra}, timeout=300)
+    return httpx.post(
+        f"{server.url}/v1/audio/speech", json={"input": text, "voice": "v", "seed": seed, **extra}, timeout=300
+    )
 
 
 def metric(server, name: str) -> float:
@@ -69,9 +85,19 @@ def test_requests_batched_together_equal_each_request_alone(server):
 def test_a_stream_equals_the_whole_response_sample_for_sample(server):
     whole = speech(server, LONG, 3, response_format="pcm")
     assert whole.status_code == 200
-    with httpx.stream("POST", f"{server.url}/v1/audio/speech", timeout=300,
-                      json={"input": LONG, "voice": "v", "seed": 3, "response_format": "pcm", "stream": True,
-                            "stream_format": "audio"}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/audio/speech",
+        timeout=300,
+        json={
+            "input": LONG,
+            "voice": "v",
+            "seed": 3,
+            "response_format": "pcm",
+            "stream": True,
+            "stream_format": "audio",
+        },
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
         assert r.headers.get("transfer-encoding") == "chunked"
         pieces = [piece for piece in r.iter_bytes() if piece]
@@ -86,8 +112,20 @@ def test_a_stream_equals_the_whole_response_sample_for_sample(server):
 
 
 def test_the_cli_streams_what_it_writes_whole(server, snapshot, tmp_path):
-    common = [sys.executable, "-m", "indicf5.cli", "synth", "--engine", str(server.engine), "--text", LONG,
-              "--ref-audio", str(snapshot / "reference.wav"), "--seed", "3"]
+    common = [
+        sys.executable,
+        "-m",
+        "indicf5.cli",
+        "synth",
+        "--engine",
+        str(server.engine),
+        "--text",
+        LONG,
+        "--ref-audio",
+        str(snapshot / "reference.wav"),
+        "--seed",
+        "3",
+    ]
     subprocess.run([*common, "--out", str(tmp_path / "whole.wav")], check=True, capture_output=True, timeout=600)
     streamed = subprocess.run([*common, "--stream", "--out", "-"], check=True, capture_output=True, timeout=600).stdout
     want, _ = sf.read(tmp_path / "whole.wav", dtype="int16")
@@ -165,6 +203,8 @@ def test_a_stream_s_later_chunks_wait_for_its_first_to_start():
 
 def test_the_batch_rows_follow_the_engine_s_token_budget():
     queue = InferenceQueue(Metrics(), max_batch_rows=8, max_wait_s=0, rows_for=lambda frames: 2 if frames > 500 else 8)
-    long = [queue.submit([Row(torch.zeros(5, 100), torch.zeros(3, dtype=torch.long), 600, 5, i)], SamplingConfig())
-            for i in range(3)]
+    long = [
+        queue.submit([Row(torch.zeros(5, 100), torch.zeros(3, dtype=torch.long), 600, 5, i)], SamplingConfig())
+        for i in range(3)
+    ]
     assert [j.future for j in queue.take()] == long[:2]

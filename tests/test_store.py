@@ -90,6 +90,7 @@ def test_two_builders_of_one_key_do_not_corrupt_each_other(tmp_path):
 
 def _paused_build(root: str, x: int, started: str, go: str) -> None:
     """A stage that has written half its outputs, then waits for `go`."""
+
     def make(out: Path) -> dict:
         (out / "half.bin").write_bytes(b"half")
         Path(started).touch()
@@ -103,8 +104,9 @@ def _paused_build(root: str, x: int, started: str, go: str) -> None:
 def test_temporary_dirs_of_gone_writers_are_swept_and_live_writers_kept(tmp_path):
     root, go = tmp_path / "store", tmp_path / "go"
     ctx = multiprocessing.get_context("spawn")
-    killed, live = (ctx.Process(target=_paused_build, args=(str(root), x, str(tmp_path / f"started-{x}"), str(go)))
-                    for x in (1, 2))
+    killed, live = (
+        ctx.Process(target=_paused_build, args=(str(root), x, str(tmp_path / f"started-{x}"), str(go))) for x in (1, 2)
+    )
     for p in (killed, live):
         p.start()
     deadline = time.time() + 60
@@ -142,5 +144,6 @@ def test_a_backend_keys_its_artifacts_on_its_own_code(name):
     assert Path(inspect.getfile(type(backend))) in sources
     assert all(path.is_file() for path in sources)
     if name == "compiled":  # and on the kernels its engines run
-        assert {"kernels/conv.py", "kernels/rope.py", "kernels/attention.py"} <= {f"{path.parent.name}/{path.name}"
-                                                                                for path in sources}
+        assert {"kernels/conv.py", "kernels/rope.py", "kernels/attention.py"} <= {
+            f"{path.parent.name}/{path.name}" for path in sources
+        }

@@ -8,14 +8,28 @@ from upstream import char_tokenizer, infer_utils
 
 from indicf5.errors import InputError
 from indicf5.synthetic import synthetic_vocab
-from indicf5.text import (Vocab, check_text, chunk_budget, chunk_text, encode, estimate_frames, frames_budget,
-                          normalize_ref_text, tokenize)
+from indicf5.text import (
+    Vocab,
+    check_text,
+    chunk_budget,
+    chunk_text,
+    encode,
+    estimate_frames,
+    frames_budget,
+    normalize_ref_text,
+    tokenize,
+)
 
 SAMPLES = [
     "नमस्ते! संगीत की तरह जीवन भी खूबसूरत होता है, बस इसे सही ताल में जीना आना चाहिए.",  # Hindi
     "ਭਹੰਪੀ ਵਿੱਚ ਸਮਾਰਕਾਂ ਦੇ ਭਵਨ ਨਿਰਮਾਣ ਕਲਾ ਦੇ ਵੇਰਵੇ ਗੁੰਝਲਦਾਰ ਅਤੇ ਹੈਰਾਨ ਕਰਨ ਵਾਲੇ ਹਨ, ਜੋ ਮੈਨੂੰ ਖੁਸ਼ ਕਰਦੇ  ਹਨ।",  # Punjabi
-    "আমি ভাত খাই।", "હું ઘરે જાઉં છું.", "ನಾನು ಮನೆಗೆ ಹೋಗುತ್ತೇನೆ.", "ഞാൻ വീട്ടിൽ പോകുന്നു.", "ମୁଁ ଘରକୁ ଯାଉଛି।",
-    "நான் வீட்டுக்குப் போகிறேன்.", "నేను ఇంటికి వెళ్తున్నాను.",
+    "আমি ভাত খাই।",
+    "હું ઘરે જાઉં છું.",
+    "ನಾನು ಮನೆಗೆ ಹೋಗುತ್ತೇನೆ.",
+    "ഞാൻ വീട്ടിൽ പോകുന്നു.",
+    "ମୁଁ ଘରକୁ ଯାଉଛି।",
+    "நான் வீட்டுக்குப் போகிறேன்.",
+    "నేను ఇంటికి వెళ్తున్నాను.",
     "मेरा email है test123@mail.com; price 3.5% AT&T x+y a--b “quoted” ‘single’",
     "नमस्तेhello,world:'ok' \"fine\"bye",
     "मैं C++ और C# में abc++x लिखता हूँ, cc++ c#d AT&T&T",  # jieba's dictionary words
@@ -112,7 +126,9 @@ def test_unsplit_text_gives_indicf5s_chunk_and_tokens(text):
     ours, theirs = chunk_text(text, budget), ui.chunk_text(text, budget)
     assert ours == theirs and len(ours) == 1
     assert tokenize(ref_text + ours[0]) == ui.convert_char_to_pinyin([ref_text + theirs[0]])[0]
-    assert estimate_frames(300, ref_text, ours[0], 1.0) == 300 + int(300 / len(ref_text.encode()) * len(theirs[0].encode()))
+    assert estimate_frames(300, ref_text, ours[0], 1.0) == 300 + int(
+        300 / len(ref_text.encode()) * len(theirs[0].encode())
+    )
 
 
 def take(chunk: str, chunks: list[str]) -> list[str]:
@@ -169,4 +185,8 @@ def test_budget_and_duration_follow_the_reference_rate():
 def test_frames_budget_keeps_a_chunk_within_the_frame_limit():
     for speed in (0.3, 0.5, 1.0):
         budget = frames_budget(300, "a" * 100, speed, max_frames=4096)
-        assert estimate_frames(300, "a" * 100, "b" * budget, speed) <= 4096 < estimate_frames(300, "a" * 100, "b" * (budget + 2), speed)
+        assert (
+            estimate_frames(300, "a" * 100, "b" * budget, speed)
+            <= 4096
+            < estimate_frames(300, "a" * 100, "b" * (budget + 2), speed)
+        )

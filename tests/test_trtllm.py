@@ -22,8 +22,11 @@ from indicf5.backends.trtllm.convert import convert_checkpoint, trtllm_weights
 from indicf5.backends.trtllm.executor import CheckpointExecutor
 from indicf5.backends.trtllm.layout import checkpoint_config, is_text_weight, model_config_of, weight_table
 
-SIZES = {"small": dict(dim=64, depth=2, heads=4), "wider": dict(dim=96, depth=3, heads=6, text_dim=48, conv_layers=2),
-         "two-heads": dict(dim=128, depth=1, heads=2)}
+SIZES = {
+    "small": dict(dim=64, depth=2, heads=4),
+    "wider": dict(dim=96, depth=3, heads=6, text_dim=48, conv_layers=2),
+    "two-heads": dict(dim=128, depth=1, heads=2),
+}
 
 
 @pytest.fixture(scope="module", params=list(SIZES))
@@ -84,8 +87,10 @@ def test_converter_output_is_what_the_naming_table_promises(export, tmp_path):
     assert config == checkpoint_config(ckpt.config, "fp16") and config["architecture"] == "IndicF5DiT"
     assert model_config_of(config) == ckpt.config
     # fused q|k|v rows, and 2-D convolution kernels
-    assert torch.equal(weights["blocks.0.attn.qkv.weight"][: ckpt.config.dim].float(),
-                       ckpt.transformer["transformer_blocks.0.attn.to_q.weight"].half().float())
+    assert torch.equal(
+        weights["blocks.0.attn.qkv.weight"][: ckpt.config.dim].float(),
+        ckpt.transformer["transformer_blocks.0.attn.to_q.weight"].half().float(),
+    )
     assert weights["input_embed.conv1.weight"].shape[2] == 1
 
 

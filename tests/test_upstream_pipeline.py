@@ -59,7 +59,7 @@ def write_reference(path, rate: int, seconds: float, *, stereo=False, lead=0.0, 
     clip ends on 30 ms of a tone: 1.1.22 trims a trailing edge in 10 ms steps where IndicF5 takes
     1 ms steps, which differ on a fading edge only."""
     voiced = gain * reference_clip(seconds, rate, seed=rate)
-    voiced[-int(0.03 * rate):] = 0.3 * gain * np.sin(2 * np.pi * 440 * np.arange(int(0.03 * rate)) / rate)
+    voiced[-int(0.03 * rate) :] = 0.3 * gain * np.sin(2 * np.pi * 440 * np.arange(int(0.03 * rate)) / rate)
     if pause_at is not None:
         cut = int(pause_at * rate)
         voiced = np.concatenate([voiced[:cut], np.zeros(int(2.5 * rate), np.float32), voiced[cut:]])
@@ -79,13 +79,10 @@ REFERENCES = {  # rate, seconds of voice, edges and pauses: all under 12 s once 
     "48k": dict(rate=48_000, seconds=3.5, lead=0.5),
 }
 CASES = [  # reference, its transcript, text, speed, steps, schedule
-    ("24k-quiet", "नमस्ते, यह एक परीक्षण है।",
-     "यह पहला वाक्य है। यह दूसरा वाक्य है॥ तीसरा वाक्य, थोड़ा लंबा।", 1.0, 4, "uniform"),
+    ("24k-quiet", "नमस्ते, यह एक परीक्षण है।", "यह पहला वाक्य है। यह दूसरा वाक्य है॥ तीसरा वाक्य, थोड़ा लंबा।", 1.0, 4, "uniform"),
     ("44k-stereo", "ਇਹ ਇੱਕ ਪਰੀਖਿਆ ਹੈ।", "ਇਹ ਪਹਿਲਾ ਵਾਕ ਹੈ। ਦੂਜਾ ਵਾਕ ਇੱਥੇ ਹੈ. ਤੀਜਾ ਵਾਕ ਵੀ ਹੈ। " * 2, 1.25, 3, "uniform"),
-    ("16k-pause", "আমি ভাত খাই।",
-     "তুমি কী খাও? আমরা সবাই মিলে খাই। তারপর আমরা বাড়ি যাই। আমরা খুশি।", 0.8, 3, "uniform"),
-    ("48k", "நான் வீட்டுக்குப் போகிறேன்.",
-     "நீ எங்கே போகிறாய்? நாங்கள் எல்லோரும் போகிறோம். அது நல்லது।", 1.0, 7, "epss"),
+    ("16k-pause", "আমি ভাত খাই।", "তুমি কী খাও? আমরা সবাই মিলে খাই। তারপর আমরা বাড়ি যাই। আমরা খুশি।", 0.8, 3, "uniform"),
+    ("48k", "நான் வீட்டுக்குப் போகிறேன்.", "நீ எங்கே போகிறாய்? நாங்கள் எல்லோரும் போகிறோம். அது நல்லது।", 1.0, 7, "epss"),
 ]
 
 
@@ -124,9 +121,19 @@ def test_every_stage_equals_upstreams(case, pipelines, tmp_path, monkeypatch):
     assert all(c in utterance.chunks for c in indicf5_chunks if len(c.encode()) <= budget)
     assert all(len(c.encode()) >= 10 for c in utterance.chunks)  # 1.1.22 speaks shorter ones at speed 0.3
 
-    wave, sample_rate, mel = next(ui.infer_batch_process(
-        (audio, rate), their_ref_text, utterance.chunks, cfm, ours.vocoder, nfe_step=nfe, speed=speed,
-        progress=None, device="cpu"))
+    wave, sample_rate, mel = next(
+        ui.infer_batch_process(
+            (audio, rate),
+            their_ref_text,
+            utterance.chunks,
+            cfm,
+            ours.vocoder,
+            nfe_step=nfe,
+            speed=speed,
+            progress=None,
+            device="cpu",
+        )
+    )
     speech = ours.synthesize(text, path, ref_text, sampling)
 
     assert len(cfm.calls) == len(utterance.rows)

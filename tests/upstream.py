@@ -77,8 +77,17 @@ def infer_utils():
 def f5tts_base_kwargs(config) -> dict:
     """Upstream's F5TTS_Base architecture (IndicF5's) at the given sizes."""
     return dict(
-        dim=config.dim, depth=config.depth, heads=config.heads, dim_head=config.dim_head,
-        ff_mult=config.ff_mult, text_dim=config.text_dim, conv_layers=config.conv_layers,
-        mel_dim=config.mel_dim, text_num_embeds=config.text_num_embeds,
-        text_mask_padding=False, pe_attn_head=1, attn_mask_enabled=False, dropout=0.0,
+        dim=config.dim,
+        depth=config.depth,
+        heads=config.heads,
+        dim_head=config.dim_head,
+        ff_mult=config.ff_mult,
+        text_dim=config.text_dim,
+        conv_layers=config.conv_layers,
+        mel_dim=config.mel_dim,
+        text_num_embeds=config.text_num_embeds,
+        text_mask_padding=False,
+        pe_attn_head=1,
+        attn_mask_enabled=False,
+        dropout=0.0,
     )

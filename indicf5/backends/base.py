@@ -39,7 +39,9 @@ class BackendUnavailable(Exception):
 
 class Backend(ABC):
     name: ClassVar[str]
-    modules: ClassVar[tuple[ModuleType | Path, ...]]  # the code that shapes its artifacts, its own file too (cache keys)
+    modules: ClassVar[
+        tuple[ModuleType | Path, ...]
+    ]  # the code that shapes its artifacts, its own file too (cache keys)
     engine_files: ClassVar[tuple[str, ...]]  # what `load` reads from an engine directory
 
     def unavailable(self) -> str | None:

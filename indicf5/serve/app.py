@@ -62,8 +62,9 @@ class ServerConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTS_", extra="ignore")
 
     backend: str | None = Field(None, description="run the engine on this backend (eager = the PyTorch path)")
-    devices: list[Device] = Field(default_factory=list,
-                               description="one inference worker each; default every GPU, else cpu")
+    devices: list[Device] = Field(
+        default_factory=list, description="one inference worker each; default every GPU, else cpu"
+    )
     voices_dir: Path | None = Field(None, description="named voices; default $INDICF5_HOME/voices")
     max_queue: int = Field(64, ge=1, description="queued requests before 429")
     max_batch_rows: int = Field(8, ge=1, description="utterance chunks per engine batch")
@@ -94,8 +95,12 @@ class SpeechRequest(BaseModel):
     response_format: ResponseFormat = "wav"
     seed: Seed | None = Field(None, description=f"same seed, same audio (0 to {SEED_MAX})")
     schedule: Schedule | None = Field(None, description="time grid: uniform or epss (default: the server's)")
-    stream: bool = Field(False, description="send the audio as each text chunk is rendered (chunked transfer; pcm or wav)")
-    stream_format: Literal["audio"] | None = Field(None, description="OpenAI's: raw audio bytes (server-sent events are not served)")
+    stream: bool = Field(
+        False, description="send the audio as each text chunk is rendered (chunked transfer; pcm or wav)"
+    )
+    stream_format: Literal["audio"] | None = Field(
+        None, description="OpenAI's: raw audio bytes (server-sent events are not served)"
+    )
 
 
 @dataclass
@@ -144,12 +149,14 @@ class Engine:
         from torch._dynamo.utils import counters
 
         models = [s.model for s in self.synthesizers]
-        captures = lambda: sum(getattr(m, "captures", 0) for m in models)  # noqa: E731
-        compiles = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+        captures = lambda: sum(getattr(m, "captures", 0) for m in models)
+        compiles = lambda: counters["stats"]["unique_graphs"]
         captured, compiled = captures(), compiles()
         self.metrics.captures_after_ready.set_function(lambda: captures() - captured)
         self.metrics.compiles_after_ready.set_function(lambda: compiles() - compiled)
-        self.metrics.graph_memory.set_function(lambda: sum(m.graph_memory_bytes() for m in models if hasattr(m, "graph_memory_bytes")))
+        self.metrics.graph_memory.set_function(
+            lambda: sum(m.graph_memory_bytes() for m in models if hasattr(m, "graph_memory_bytes"))
+        )
 
     def close(self) -> None:
         self.queue.close()
@@ -180,8 +187,13 @@ class ApiError(Exception):
 
 
 # Library errors by class; a subclass takes its nearest listed ancestor's status.
-ERROR_STATUS: dict[type[Exception], int] = {InputError: 400, UnknownVoice: 404, VoiceExists: 409, AudioTooLong: 413,
-                                            VoiceQuotaExceeded: 507}
+ERROR_STATUS: dict[type[Exception], int] = {
+    InputError: 400,
+    UnknownVoice: 404,
+    VoiceExists: 409,
+    AudioTooLong: 413,
+    VoiceQuotaExceeded: 507,
+}
 
 
 def error_status(e: Exception) -> int:
@@ -225,15 +237,19 @@ def install_error_handlers(app: FastAPI) -> None:
 bearer = HTTPBearer(auto_error=False, description="the server's TTS_API_KEY, when it has one")
 
 
-def require_api_key(request: Request,
-                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+def require_api_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
     key = request.app.state.config.api_key
     if key is None:
         return
     given = credentials.credentials.encode() if credentials else b""
     if not secrets.compare_digest(given, key.get_secret_value().encode()):
-        raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <the server's TTS_API_KEY>",
-                       {"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "missing or wrong API key: send Authorization: Bearer <the server's TTS_API_KEY>",
+            {"WWW-Authenticate": "Bearer"},
+        )
 
 
 def require_ready(engine: Engine) -> Synthesizer:
@@ -246,10 +262,12 @@ def require_ready(engine: Engine) -> Synthesizer:
 
 def content_type(expected: str):
     """A route dependency: the request's media type must be `expected`."""
+
     def check(request: Request) -> None:
         got = request.headers.get("content-type", "").split(";")[0].strip().lower()  # media types ignore case
         if got != expected:
             raise ApiError(415, f"content type {got or 'missing'!r}: this endpoint takes {expected}")
+
     return Depends(check)
 
 
@@ -260,8 +278,10 @@ def check_text(text: str, what: str, config: ServerConfig) -> None:
     if not text.strip():
         raise ApiError(400, f"{what} is empty: give the text to speak")
     if len(text) > config.max_text_chars:
-        raise ApiError(413, f"{what} is {len(text)} characters; the limit is {config.max_text_chars}: "
-                            "split it into several requests")
+        raise ApiError(
+            413,
+            f"{what} is {len(text)} characters; the limit is {config.max_text_chars}: split it into several requests",
+        )
 
 
 @asynccontextmanager
@@ -283,15 +303,18 @@ async def received(upload: UploadFile, config: ServerConfig) -> AsyncIterator[Pa
             raise type(e)(str(e).replace(str(path), shown)) from None
 
 
-def sampling_for(config: ServerConfig, speed: float, seed: int | None, schedule: Schedule | None = None) -> SamplingConfig:
+def sampling_for(
+    config: ServerConfig, speed: float, seed: int | None, schedule: Schedule | None = None
+) -> SamplingConfig:
     return SamplingConfig(nfe=config.nfe, speed=speed, seed=seed, schedule=schedule or config.schedule)
 
 
 # --- speaking: prepare -> queue -> wait -> finish -> encode
 
 
-async def speak(request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig,
-                fmt: str) -> Response:
+async def speak(
+    request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig, fmt: str
+) -> Response:
     state = request.app.state
     synth = require_ready(state.engine)
     utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
@@ -304,8 +327,11 @@ async def speak(request: Request, text: str, ref_audio: Path, ref_text: str, sam
     container, media_type = AUDIO_FORMATS[fmt]
     body = await run_in_threadpool(audio_bytes, speech.wave, speech.sample_rate, container)
     seconds = len(speech.wave) / speech.sample_rate
-    return Response(body, media_type=media_type,
-                    headers={"X-Audio-Seconds": f"{seconds:.3f}", "X-Sample-Rate": str(speech.sample_rate)})
+    return Response(
+        body,
+        media_type=media_type,
+        headers={"X-Audio-Seconds": f"{seconds:.3f}", "X-Sample-Rate": str(speech.sample_rate)},
+    )
 
 
 async def wait_for(future, request: Request | None, timeout_s: float):
@@ -325,8 +351,9 @@ async def wait_for(future, request: Request | None, timeout_s: float):
             raise ApiError(504, f"no result within {timeout_s:g} s; the server is busy, retry later")
 
 
-async def speak_stream(request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig,
-                       fmt: str) -> StreamingResponse:
+async def speak_stream(
+    request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig, fmt: str
+) -> StreamingResponse:
     """`speak`'s audio as it is rendered: the first chunk queued alone, the rest as one job that
     follows it, each chunk's final samples sent as soon as it is vocoded (the same samples as
     the whole response: audio.CrossFade)."""
@@ -372,8 +399,9 @@ probes = APIRouter()  # open to load balancers and orchestrators, key or not
 AUDIO_RESPONSES = {200: {"content": {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}}}}
 
 
-@api.post("/v1/audio/speech", response_class=Response, tags=["speech"], dependencies=[json_body],
-             responses=AUDIO_RESPONSES)
+@api.post(
+    "/v1/audio/speech", response_class=Response, tags=["speech"], dependencies=[json_body], responses=AUDIO_RESPONSES
+)
 async def audio_speech(request: Request, body: SpeechRequest):
     """Speech for `input` in a stored voice; `pcm` is raw 16-bit little-endian mono at 24 kHz."""
     config = request.app.state.config
@@ -384,13 +412,19 @@ async def audio_speech(request: Request, body: SpeechRequest):
     return await respond(request, body.input, audio, voice.ref_text, sampling, body.response_format)
 
 
-@api.post("/v1/synthesize", response_class=Response, tags=["speech"], dependencies=[multipart_body],
-             responses=AUDIO_RESPONSES)
-async def synthesize(request: Request, text: Annotated[str, Form()], ref_audio: Annotated[UploadFile, File()],
-                     ref_text: Annotated[str, Form()], speed: Annotated[float, Form(ge=0.25, le=4.0)] = 1.0,
-                     seed: Annotated[int | None, Form(ge=0, le=SEED_MAX)] = None,
-                     schedule: Annotated[Schedule | None, Form()] = None,
-                     response_format: Annotated[ResponseFormat, Form()] = "wav"):
+@api.post(
+    "/v1/synthesize", response_class=Response, tags=["speech"], dependencies=[multipart_body], responses=AUDIO_RESPONSES
+)
+async def synthesize(
+    request: Request,
+    text: Annotated[str, Form()],
+    ref_audio: Annotated[UploadFile, File()],
+    ref_text: Annotated[str, Form()],
+    speed: Annotated[float, Form(ge=0.25, le=4.0)] = 1.0,
+    seed: Annotated[int | None, Form(ge=0, le=SEED_MAX)] = None,
+    schedule: Annotated[Schedule | None, Form()] = None,
+    response_format: Annotated[ResponseFormat, Form()] = "wav",
+):
     """Speech for `text` in the voice of an uploaded reference clip and its transcript."""
     config = request.app.state.config
     check_text(text, "text", config)
@@ -405,8 +439,12 @@ async def list_voices(request: Request) -> list[Voice]:
 
 
 @api.post("/v1/voices", status_code=201, tags=["voices"], dependencies=[multipart_body])
-async def add_voice(request: Request, name: Annotated[str, Form()], audio: Annotated[UploadFile, File()],
-                    ref_text: Annotated[str, Form()]) -> Voice:
+async def add_voice(
+    request: Request,
+    name: Annotated[str, Form()],
+    audio: Annotated[UploadFile, File()],
+    ref_text: Annotated[str, Form()],
+) -> Voice:
     """Stores a named reference voice (the clip and its transcript) for /v1/audio/speech."""
     config, voices = request.app.state.config, request.app.state.voices
     check_text(ref_text, "ref_text", config)
@@ -433,8 +471,14 @@ async def readyz(request: Request):
     engine, config = request.app.state.engine, request.app.state.config
     require_ready(engine)
     spec = read_spec(engine.engine_dir)
-    return {"ready": True, "engine": str(engine.engine_dir), "backend": config.backend or spec.backend,
-            "dtype": spec.dtype, "devices": [s.device for s in engine.synthesizers], "queue_depth": len(engine.queue)}
+    return {
+        "ready": True,
+        "engine": str(engine.engine_dir),
+        "backend": config.backend or spec.backend,
+        "dtype": spec.dtype,
+        "devices": [s.device for s in engine.synthesizers],
+        "queue_depth": len(engine.queue),
+    }
 
 
 @api.get("/metrics", tags=["operations"])
@@ -457,12 +501,17 @@ def create_app(engine_dir: Path, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     metrics = Metrics()
     queue = InferenceQueue(metrics, config.max_queue, config.max_batch_rows, config.batch_wait_ms / 1000)
-    app = FastAPIOffline(title="IndicF5 TTS", version="0.1.0", lifespan=lifespan,
-                         description="Speech in the voice of a reference clip, from a built IndicF5 engine.")
+    app = FastAPIOffline(
+        title="IndicF5 TTS",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Speech in the voice of a reference clip, from a built IndicF5 engine.",
+    )
     app.state.config, app.state.metrics, app.state.queue = config, metrics, queue
     app.state.engine = Engine(Path(engine_dir), config, queue, metrics)
-    app.state.voices = VoiceStore(config.voices_dir or Settings().store_root / "voices", config.max_voices,
-                                  config.max_voices_bytes)
+    app.state.voices = VoiceStore(
+        config.voices_dir or Settings().store_root / "voices", config.max_voices, config.max_voices_bytes
+    )
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes + 2**16)  # the upload plus its form fields
     app.add_middleware(Measure, metrics=metrics)

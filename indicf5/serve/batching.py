@@ -2,9 +2,9 @@
 settings); each device's worker takes the oldest job together with queued jobs it can share a
 batch with, samples them as one engine batch, and hands the mels to its vocoder thread.
 
-    handler ─submit─> [bounded queue] ─take: oldest + compatible─> sampler thread(device) ─mels─> vocoder thread ─> futures
-                                         (once the previous batch's                (its own CUDA stream: it runs
-                                          loop is done on the GPU)                  beside the next batch's loop)
+    handler ─submit─> [bounded queue] ─take: oldest + compatible─> sampler(device) ─mels─> vocoder ─> futures
+                                         (once the previous batch's        (its own CUDA stream: it runs
+                                          loop is done on the GPU)          beside the next batch's loop)
 
 Jobs share a batch when their sampling settings match and their lengths are similar (padding a
 short row to a long one wastes the engine's time), up to the engine's rows for that length. A
@@ -59,8 +59,15 @@ class Job:
 
 
 class InferenceQueue:
-    def __init__(self, metrics: Metrics, max_queue: int = 64, max_batch_rows: int = 8, max_wait_s: float = 0.01,
-                 length_ratio: float = 1.5, rows_for: Callable[[int], int] | None = None):
+    def __init__(
+        self,
+        metrics: Metrics,
+        max_queue: int = 64,
+        max_batch_rows: int = 8,
+        max_wait_s: float = 0.01,
+        length_ratio: float = 1.5,
+        rows_for: Callable[[int], int] | None = None,
+    ):
         self.metrics, self.max_queue, self.max_batch_rows = metrics, max_queue, max_batch_rows
         self.max_wait_s, self.length_ratio = max_wait_s, length_ratio
         self.rows_for = rows_for or (lambda frames: max_batch_rows)  # the engine's most rows a batch at a length
@@ -127,8 +134,11 @@ class InferenceQueue:
                 if self._closed:
                     return []
                 deadline = time.monotonic() + self.max_wait_s
-                while (first := self._first()) is not None and (remaining := deadline - time.monotonic()) > 0 \
-                        and sum(len(j.rows) for j in self._batch(first)) < self.max_batch_rows:
+                while (
+                    (first := self._first()) is not None
+                    and (remaining := deadline - time.monotonic()) > 0
+                    and sum(len(j.rows) for j in self._batch(first)) < self.max_batch_rows
+                ):
                     self._cond.wait(remaining)
                 if first is None:
                     continue
@@ -180,7 +190,7 @@ class InferenceWorker(threading.Thread):
         try:
             while True:
                 if previous is not None:
-                    previous.synchronize()  # the GPU finishes a batch before the next is taken: late cancels still count
+                    previous.synchronize()  # the GPU ends a batch before the next is taken: late cancels count
                 jobs = self.queue.take()
                 if not jobs:
                     break
@@ -224,7 +234,7 @@ class InferenceWorker(threading.Thread):
         self.queue.metrics.batch_rows.observe(len(rows))
         out, i = [], 0
         for job in jobs:
-            out.append(flat[i:i + len(job.rows)])
+            out.append(flat[i : i + len(job.rows)])
             i += len(job.rows)
         return out
 

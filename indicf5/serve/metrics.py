@@ -15,19 +15,39 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.latency = Histogram("indicf5_request_seconds", "Request latency", ["endpoint", "status"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.errors = Counter("indicf5_request_errors_total", "Requests answered with an error", ["endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "indicf5_request_seconds", "Request latency", ["endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.errors = Counter(
+            "indicf5_request_errors_total", "Requests answered with an error", ["endpoint", "status"], registry=r
+        )
         self.queue_depth = Gauge("indicf5_queue_depth", "Requests waiting for an inference worker", registry=r)
-        self.batch_rows = Histogram("indicf5_batch_rows", "Rows (utterance chunks) per engine batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.batch_seconds = Histogram("indicf5_batch_seconds", "Engine time per batch (sampling + vocoder)",
-                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.captures_after_ready = Gauge("indicf5_engine_captures_after_ready",
-                                          "CUDA graph shapes captured since /readyz turned ready (0 when load captured them all)", registry=r)
-        self.compiles_after_ready = Gauge("indicf5_engine_compiles_after_ready",
-                                          "torch.compile graphs compiled since /readyz turned ready", registry=r)
-        self.graph_memory = Gauge("indicf5_engine_graph_memory_bytes", "Device memory held by the captured graphs and their buffers",
-                                  registry=r)
-        self.cancelled = Counter("indicf5_requests_cancelled_total",
-                                 "Queued requests dropped before inference (client gone or timed out)", registry=r)
+        self.batch_rows = Histogram(
+            "indicf5_batch_rows",
+            "Rows (utterance chunks) per engine batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "indicf5_batch_seconds", "Engine time per batch (sampling + vocoder)", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.captures_after_ready = Gauge(
+            "indicf5_engine_captures_after_ready",
+            "CUDA graph shapes captured since /readyz turned ready (0 when load captured them all)",
+            registry=r,
+        )
+        self.compiles_after_ready = Gauge(
+            "indicf5_engine_compiles_after_ready",
+            "torch.compile graphs compiled since /readyz turned ready",
+            registry=r,
+        )
+        self.graph_memory = Gauge(
+            "indicf5_engine_graph_memory_bytes",
+            "Device memory held by the captured graphs and their buffers",
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "indicf5_requests_cancelled_total",
+            "Queued requests dropped before inference (client gone or timed out)",
+            registry=r,
+        )

@@ -22,12 +22,16 @@ class ServerProcess:
     """Starts `indicf5 serve --engine ENGINE ARGS...` on a free loopback port; `stop()` ends it.
     Its output goes to `log`."""
 
-    def __init__(self, engine: str | Path, log: Path, *args: str, env: dict[str, str] | None = None, ready_timeout_s: float = 600):
+    def __init__(
+        self, engine: str | Path, log: Path, *args: str, env: dict[str, str] | None = None, ready_timeout_s: float = 600
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
         cmd = [sys.executable, "-m", "indicf5.cli", "serve", "--engine", str(engine), "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         try:
             self._wait_ready(ready_timeout_s)
         except BaseException:
@@ -62,4 +66,6 @@ class ServerProcess:
         died = self.proc.poll() is not None
         self.stop()
         if exc[0] is not None and died:  # the failure was probably the server's: say what it said
-            sys.stderr.write(f"the server had exited ({self.proc.returncode}); the end of its log:\n{self.log.read_text()[-6000:]}\n")
+            sys.stderr.write(
+                f"the server had exited ({self.proc.returncode}); the end of its log:\n{self.log.read_text()[-6000:]}\n"
+            )

@@ -62,12 +62,17 @@ class VoiceStore:
 
     def _dir(self, name: str) -> Path:
         if not NAME.fullmatch(name):
-            raise InputError(f"bad voice name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+            raise InputError(
+                f"bad voice name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            )
         return self.root / name
 
     def list(self) -> list[Voice]:
-        return [Voice.model_validate_json((d / META).read_text()) for d in sorted(self.root.iterdir())
-                if NAME.fullmatch(d.name) and (d / META).is_file()]
+        return [
+            Voice.model_validate_json((d / META).read_text())
+            for d in sorted(self.root.iterdir())
+            if NAME.fullmatch(d.name) and (d / META).is_file()
+        ]
 
     def get(self, name: str) -> tuple[Voice, Path]:
         """The voice and its reference audio."""
@@ -83,11 +88,15 @@ class VoiceStore:
 
     def _check_quota(self, adding_bytes: int) -> None:
         if self.max_voices is not None and len(self.list()) >= self.max_voices:
-            raise VoiceQuotaExceeded(f"the server holds {self.max_voices} voices, its limit (TTS_MAX_VOICES): "
-                                     "delete one (DELETE /v1/voices/<name>) first")
+            raise VoiceQuotaExceeded(
+                f"the server holds {self.max_voices} voices, its limit (TTS_MAX_VOICES): "
+                "delete one (DELETE /v1/voices/<name>) first"
+            )
         if self.max_bytes is not None and self.bytes_used() + adding_bytes > self.max_bytes:
-            raise VoiceQuotaExceeded(f"storing this voice would pass the {self.max_bytes} bytes the voices may use "
-                                     "(TTS_MAX_VOICES_BYTES): delete a voice first or send a shorter clip")
+            raise VoiceQuotaExceeded(
+                f"storing this voice would pass the {self.max_bytes} bytes the voices may use "
+                "(TTS_MAX_VOICES_BYTES): delete a voice first or send a shorter clip"
+            )
 
     def _exists(self, name: str) -> VoiceExists:
         return VoiceExists(f"voice {name!r} exists; DELETE /v1/voices/{name} first to replace it")
@@ -100,8 +109,12 @@ class VoiceStore:
         if not ref_text.strip():
             raise InputError("ref_text is empty: give the transcript of the reference audio")
         samples, rate = read_audio(audio_file)
-        voice = Voice(name=name, ref_text=ref_text.strip(), seconds=round(samples.shape[1] / rate, 3),
-                      audio_file=f"reference{audio_suffix(audio_file.name)}")
+        voice = Voice(
+            name=name,
+            ref_text=ref_text.strip(),
+            seconds=round(samples.shape[1] / rate, 3),
+            audio_file=f"reference{audio_suffix(audio_file.name)}",
+        )
         with self._adding, temp_dir_beside(d) as tmp:
             self._check_quota(audio_file.stat().st_size)
             shutil.copyfile(audio_file, tmp / voice.audio_file)

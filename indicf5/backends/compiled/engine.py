@@ -72,9 +72,18 @@ from indicf5 import checkpoint, model
 from indicf5.backends import base
 from indicf5.backends.base import Backend, EngineSpec
 from indicf5.backends.compiled import fp8
-from indicf5.backends.compiled.modules import (CastLinear, ChannelsLastConvPositionEmbedding, EngineAttention, GeluLinear,
-                                               NormedInMatmulDtype, Padding, TritonConvPositionEmbedding, bucket_for,
-                                               matmuls_in, row_lengths)
+from indicf5.backends.compiled.modules import (
+    CastLinear,
+    ChannelsLastConvPositionEmbedding,
+    EngineAttention,
+    GeluLinear,
+    NormedInMatmulDtype,
+    Padding,
+    TritonConvPositionEmbedding,
+    bucket_for,
+    matmuls_in,
+    row_lengths,
+)
 from indicf5.backends.eager import WEIGHTS, EagerBackend
 from indicf5.config import TORCH_DTYPES
 from indicf5.model import DiT
@@ -116,7 +125,9 @@ class EngineFlags(BaseModel):
         if not self.batch_sizes or list(self.batch_sizes) != sorted(set(self.batch_sizes)) or self.batch_sizes[0] != 1:
             raise ValueError(f"batch_sizes must be increasing and start at 1, not {list(self.batch_sizes)}")
         if self.max_tokens < self.buckets[-1]:
-            raise ValueError(f"max_tokens {self.max_tokens} must hold one utterance of the largest bucket ({self.buckets[-1]})")
+            raise ValueError(
+                f"max_tokens {self.max_tokens} must hold one utterance of the largest bucket ({self.buckets[-1]})"
+            )
         return self
 
     @classmethod
@@ -131,34 +142,48 @@ class EngineFlags(BaseModel):
                 allowed = cls.model_fields[name].annotation.__args__
                 raise ValueError(f"build flag {name} {err['input']!r} is not one of {', '.join(allowed)}") from None
             if err["type"] == "extra_forbidden":
-                raise ValueError(f"unknown build flag {name!r} for the compiled backend: flags are "
-                                 f"{', '.join(cls.model_fields)}") from None
+                raise ValueError(
+                    f"unknown build flag {name!r} for the compiled backend: flags are {', '.join(cls.model_fields)}"
+                ) from None
             raise ValueError(f"build flag {name}: {err['msg']}") from None
 
     def resolve(self, device: torch.device, dtype: torch.dtype, conv_group_width: int) -> Resolved:
         """The concrete choices for an engine on `device` computing in `dtype`; refuses what cannot run there."""
         on_gpu, low = device.type == "cuda", dtype != torch.float32
-        for flag, value, fast in (("conv", self.conv, "triton"), ("rope", self.rope, "kernel"), ("branches", self.branches, "streams")):
+        for flag, value, fast in (
+            ("conv", self.conv, "triton"),
+            ("rope", self.rope, "kernel"),
+            ("branches", self.branches, "streams"),
+        ):
             if value == fast and not on_gpu:
                 raise ValueError(f"{flag} '{fast}' needs a CUDA device, not {device}; use {flag} 'auto'")
         if self.attention == "padded" and on_gpu and not low:
             raise ValueError("attention 'padded' runs an fp16/bf16 kernel on CUDA; use attention 'auto' for fp32")
         fits_triton = conv_group_width >= 16 and conv_group_width & (conv_group_width - 1) == 0  # tl.dot's tile
         if self.conv == "triton" and not fits_triton:
-            raise ValueError(f"conv 'triton' needs a power of two >= 16 channels per group, not {conv_group_width}; use conv 'auto'")
+            raise ValueError(
+                f"conv 'triton' needs a power of two >= 16 channels per group, not {conv_group_width}; use conv 'auto'"
+            )
         precision = self.precision if self.precision != "auto" else "mixed" if dtype == torch.bfloat16 else "pure"
         if precision == "fp8":
             if not low:
-                raise ValueError("precision 'fp8' runs inside an fp16 or bf16 engine; build it with --dtype fp16 or bf16")
+                raise ValueError(
+                    "precision 'fp8' runs inside an fp16 or bf16 engine; build it with --dtype fp16 or bf16"
+                )
             if (why := fp8.unsupported(device)) is not None:
                 raise ValueError(why)
-        return Resolved(precision=precision,
-                        triton_conv=self.conv == "triton" or (self.conv == "auto" and on_gpu and low and fits_triton),
-                        by_lengths=self.attention == "padded" or (self.attention == "auto" and on_gpu and low),
-                        rope_kernel=self.rope == "kernel" or (self.rope == "auto" and on_gpu),
-                        branch_streams_from=None if not on_gpu or self.branches == "batched" else
-                        0 if self.branches == "streams" else BRANCH_STREAMS_FROM,
-                        cuda_graphs=self.cuda_graphs and on_gpu)
+        return Resolved(
+            precision=precision,
+            triton_conv=self.conv == "triton" or (self.conv == "auto" and on_gpu and low and fits_triton),
+            by_lengths=self.attention == "padded" or (self.attention == "auto" and on_gpu and low),
+            rope_kernel=self.rope == "kernel" or (self.rope == "auto" and on_gpu),
+            branch_streams_from=None
+            if not on_gpu or self.branches == "batched"
+            else 0
+            if self.branches == "streams"
+            else BRANCH_STREAMS_FROM,
+            cuda_graphs=self.cuda_graphs and on_gpu,
+        )
 
 
 @dataclass(frozen=True)
@@ -203,7 +228,9 @@ class CompiledEngine(nn.Module):
 
     state_dtype = torch.float32  # the ODE state, whatever the engine computes in (see sampler.state_dtype)
 
-    def __init__(self, dit: DiT, flags: EngineFlags = EngineFlags(), fp8_weights: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self, dit: DiT, flags: EngineFlags = EngineFlags(), fp8_weights: dict[str, torch.Tensor] | None = None
+    ):
         super().__init__()
         device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
         first_conv = dit.input_embed.conv_pos_embed.conv1d[0]
@@ -221,9 +248,13 @@ class CompiledEngine(nn.Module):
         for i, block in enumerate(dit.transformer_blocks):
             linears = fp8.block_linears(block)
             if choice.precision == "fp8":
-                layer = lambda name, gelu=False: fp8.Fp8Linear(  # noqa: E731
-                    fp8_weights[f"{i}.{name}.weight"].to(device), fp8_weights[f"{i}.{name}.scale"].to(device),
-                    linears[name][1], dtype, gelu)
+                layer = lambda name, gelu=False: fp8.Fp8Linear(
+                    fp8_weights[f"{i}.{name}.weight"].to(device),
+                    fp8_weights[f"{i}.{name}.scale"].to(device),
+                    linears[name][1],
+                    dtype,
+                    gelu,
+                )
                 qkv, to_out, ff1, ff2 = layer("qkv"), layer("out"), layer("ff1", gelu=True), layer("ff2")
             else:
                 qkv = CastLinear(*linears["qkv"], dtype, upcast=False)
@@ -234,7 +265,9 @@ class CompiledEngine(nn.Module):
         dit.input_embed.conv_pos_embed = position(dit.input_embed.conv_pos_embed, dtype).to(device)
         if choice.precision == "mixed":
             matmuls_in(dit, dtype)  # the rest of the linear layers
-            dit.transformer_blocks = nn.ModuleList(NormedInMatmulDtype(block, dtype) for block in dit.transformer_blocks)
+            dit.transformer_blocks = nn.ModuleList(
+                NormedInMatmulDtype(block, dtype) for block in dit.transformer_blocks
+            )
         self.step_dtype = torch.float32 if choice.precision == "mixed" else dtype  # what flows between the matmuls
         self.embed_dtype = dit.text_embed.text_embed.weight.dtype
         for block in dit.transformer_blocks:  # one compiled block serves all: the same code, weights as inputs
@@ -268,7 +301,8 @@ class CompiledEngine(nn.Module):
         if guided and self._on_streams(b * x.shape[1]):
             rows = (slice(0, b), slice(b, None))
             conditioned, unconditioned = self._on_two_streams(
-                x, [(cond[r], text_emb[r], Padding(padding.mask[r], padding.lengths[r])) for r in rows], condition)
+                x, [(cond[r], text_emb[r], Padding(padding.mask[r], padding.lengths[r])) for r in rows], condition
+            )
             return conditioned + (conditioned - unconditioned) * cfg
         out = self._flow(torch.cat((x, x)) if guided else x, cond, text_emb, condition, padding).float()
         return out[:b] + (out[:b] - out[b:]) * cfg if guided else out
@@ -304,7 +338,7 @@ class CompiledEngine(nn.Module):
     def forward(self, x, cond, text_emb, time, mask=None):
         b, n, _ = x.shape
         size = bucket_for(n, self.buckets)
-        pad = lambda t: F.pad(t, (0, 0, 0, size - n))  # noqa: E731
+        pad = lambda t: F.pad(t, (0, 0, 0, size - n))
         condition = self.condition(time.expand(b))
         return self.step(pad(x), pad(cond), pad(text_emb), condition, row_lengths(mask, b, n, x.device))[:, :n]
 
@@ -317,10 +351,15 @@ class CompiledEngine(nn.Module):
         lengths = row_lengths(velocity.mask, b, n, x0.device)
         texts = velocity.text.split(b) if guided else (velocity.text,)  # conditioned rows (, unconditioned rows)
         text = torch.cat([F.pad(pad_rows(t_, rows), (0, size - t_.shape[1]), value=-1) for t_ in texts])
-        frames = lambda t_: F.pad(pad_rows(t_, rows), (0, 0, 0, size - n))  # noqa: E731
-        inputs = dict(x=frames(x0), cond=frames(velocity.cond), text=text,
-                      lengths=pad_rows(lengths, rows).repeat(len(texts)), t=t,
-                      cfg=torch.full((), velocity.cfg_strength, device=x0.device, dtype=x0.dtype))
+        frames = lambda t_: F.pad(pad_rows(t_, rows), (0, 0, 0, size - n))
+        inputs = dict(
+            x=frames(x0),
+            cond=frames(velocity.cond),
+            text=text,
+            lengths=pad_rows(lengths, rows).repeat(len(texts)),
+            t=t,
+            cfg=torch.full((), velocity.cfg_strength, device=x0.device, dtype=x0.dtype),
+        )
         if self.cuda_graphs and rows * size <= self.max_tokens:
             out = self._replay(self._graphs_for(size, rows, guided), **inputs)
         else:
@@ -348,7 +387,7 @@ class CompiledEngine(nn.Module):
         padding = Padding.of(lengths, size)  # the same every step
         text_emb, cond = self._embed(guided, cond, text, padding, size)
         for i in range(len(t) - 1):
-            condition = [c[i:i + 1] for c in steps]  # one row, broadcast over the batch
+            condition = [c[i : i + 1] for c in steps]  # one row, broadcast over the batch
             x = x + (t[i + 1] - t[i]).to(x.dtype) * self._velocity(x, cond, text_emb, condition, padding, guided, cfg)
         return x
 
@@ -358,15 +397,23 @@ class CompiledEngine(nn.Module):
         """The buffers every captured shape reads and writes (views of them), sized for the largest
         batch (max_tokens frames, twice with guidance), and the schedule the captured step reads."""
         c, tokens = self.dit.config, 2 * self.max_tokens
-        flat = lambda per_token, dtype: torch.zeros(tokens * per_token, device=device, dtype=dtype)  # noqa: E731
-        self._shared = dict(x=flat(c.mel_dim, self.state_dtype), cond=flat(c.mel_dim, self.state_dtype),
-                            text=flat(1, torch.long), mask=flat(1, torch.bool), text_emb=flat(c.text_dim, self.step_dtype),
-                            cond_in=flat(c.mel_dim, self.step_dtype),
-                            lengths=torch.zeros(2 * max(self.batch_sizes), device=device, dtype=torch.int32))
+        flat = lambda per_token, dtype: torch.zeros(tokens * per_token, device=device, dtype=dtype)
+        self._shared = dict(
+            x=flat(c.mel_dim, self.state_dtype),
+            cond=flat(c.mel_dim, self.state_dtype),
+            text=flat(1, torch.long),
+            mask=flat(1, torch.bool),
+            text_emb=flat(c.text_dim, self.step_dtype),
+            cond_in=flat(c.mel_dim, self.step_dtype),
+            lengths=torch.zeros(2 * max(self.batch_sizes), device=device, dtype=torch.int32),
+        )
         example = self.condition(torch.zeros(1, device=device))
-        self._condition_shapes = [tuple(m.shape[1:]) for m in example]  # (k, d) of each block's modulation, then the final norm's
-        self._schedule = torch.zeros(SCHEDULE_ROWS, sum(k * d for k, d in self._condition_shapes), device=device,
-                                     dtype=example[0].dtype)  # a row per step: its conditions, concatenated
+        self._condition_shapes = [
+            tuple(m.shape[1:]) for m in example
+        ]  # (k, d) of each block's modulation, then the final norm's
+        self._schedule = torch.zeros(
+            SCHEDULE_ROWS, sum(k * d for k, d in self._condition_shapes), device=device, dtype=example[0].dtype
+        )  # a row per step: its conditions, concatenated
         self._dt = torch.zeros(SCHEDULE_ROWS, device=device, dtype=self.state_dtype)
         self._index = torch.zeros(1, device=device, dtype=torch.long)  # the step the captured step graph runs next
         self._cfg = torch.zeros((), device=device, dtype=self.state_dtype)
@@ -376,10 +423,16 @@ class CompiledEngine(nn.Module):
 
     def _shape(self, size: int, rows: int, guided: bool) -> Shape:
         r, s, c = (2 if guided else 1) * rows, self._shared, self.dit.config
-        view = lambda name, n_rows, *dims: s[name][:n_rows * size * (dims[0] if dims else 1)].view(n_rows, size, *dims)  # noqa: E731
-        return Shape(x=view("x", rows, c.mel_dim), cond=view("cond", rows, c.mel_dim), text=view("text", r),
-                     lengths=s["lengths"][:r], mask=view("mask", r), text_emb=view("text_emb", r, c.text_dim),
-                     cond_in=view("cond_in", r, c.mel_dim))
+        view = lambda name, n_rows, *dims: s[name][: n_rows * size * (dims[0] if dims else 1)].view(n_rows, size, *dims)
+        return Shape(
+            x=view("x", rows, c.mel_dim),
+            cond=view("cond", rows, c.mel_dim),
+            text=view("text", r),
+            lengths=s["lengths"][:r],
+            mask=view("mask", r),
+            text_emb=view("text_emb", r, c.text_dim),
+            cond_in=view("cond_in", r, c.mel_dim),
+        )
 
     def _embed_into(self, shape: Shape, guided: bool) -> None:
         """The embed graph's work: the shape's mask, text features and condition into its buffers."""
@@ -418,7 +471,13 @@ class CompiledEngine(nn.Module):
                 self._step_into(shape, guided)
             self.graphs[key] = ShapeGraphs(shape, embed, step)
             self.captures += 1
-            log.info("captured %d frames x %d%s in %.2f s", size, rows, " (guided)" if guided else "", time.perf_counter() - start)
+            log.info(
+                "captured %d frames x %d%s in %.2f s",
+                size,
+                rows,
+                " (guided)" if guided else "",
+                time.perf_counter() - start,
+            )
         return self.graphs[key]
 
     def _schedule_of(self, t: torch.Tensor) -> tuple[tuple[float, ...], torch.Tensor, torch.Tensor]:
@@ -441,8 +500,8 @@ class CompiledEngine(nn.Module):
         for first in range(0, len(dt), SCHEDULE_ROWS):
             count = min(SCHEDULE_ROWS, len(dt) - first)
             if key != self._grid or first or len(dt) > SCHEDULE_ROWS:  # the schedule holds another grid's rows
-                self._schedule[:count].copy_(rows[first:first + count])
-                self._dt[:count].copy_(dt[first:first + count])
+                self._schedule[:count].copy_(rows[first : first + count])
+                self._dt[:count].copy_(dt[first : first + count])
                 self._grid = key if len(dt) <= SCHEDULE_ROWS else None
             self._index.zero_()
             for _ in range(count):
@@ -473,16 +532,24 @@ class CompiledEngine(nn.Module):
         if not self.cuda_graphs:
             return 0
         buffers = sum(t.numel() * t.element_size() for t in (*self._shared.values(), self._schedule))
-        pool = sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
-                   if tuple(segment.get("segment_pool_id", ())) == tuple(self.pool))
+        pool = sum(
+            segment["total_size"]
+            for segment in torch.cuda.memory_snapshot()
+            if tuple(segment.get("segment_pool_id", ())) == tuple(self.pool)
+        )
         return buffers + pool
 
     def example_inputs(self, rows: int, size: int) -> tuple:
         """Zeros shaped and typed as the loop calls the step: (x, cond, text_emb, condition, lengths)."""
         device, c = self.dit.proj_out.bias.device, self.dit.config
-        zeros = lambda d, dtype: torch.zeros(rows, size, d, device=device, dtype=dtype)  # noqa: E731
-        return (zeros(c.mel_dim, self.state_dtype), zeros(c.mel_dim, self.state_dtype), zeros(c.text_dim, self.embed_dtype),
-                self.condition(torch.full((1,), 0.5, device=device)), torch.full((rows,), size, device=device, dtype=torch.int32))
+        zeros = lambda d, dtype: torch.zeros(rows, size, d, device=device, dtype=dtype)
+        return (
+            zeros(c.mel_dim, self.state_dtype),
+            zeros(c.mel_dim, self.state_dtype),
+            zeros(c.text_dim, self.embed_dtype),
+            self.condition(torch.full((1,), 0.5, device=device)),
+            torch.full((rows,), size, device=device, dtype=torch.int32),
+        )
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -493,7 +560,12 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 class CompiledBackend(Backend):
     name = "compiled"
-    modules = (model, checkpoint, base, *sorted(Path(__file__).parent.rglob("*.py")))  # this package: engine, modules, fp8, kernels
+    modules = (
+        model,
+        checkpoint,
+        base,
+        *sorted(Path(__file__).parent.rglob("*.py")),
+    )  # this package: engine, modules, fp8, kernels
     engine_files = (WEIGHTS, COMPILE_CACHE)
 
     def default_flags(self) -> dict:

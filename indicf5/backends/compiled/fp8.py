@@ -34,8 +34,10 @@ def unsupported(device: torch.device) -> str | None:
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_COMPUTE_CAPABILITY:
         name = torch.cuda.get_device_name(device)
-        return (f"precision 'fp8' needs FP8 tensor cores (compute capability >= 8.9, e.g. an H100/H200), "
-                f"but {name} has {capability[0]}.{capability[1]}; use precision 'auto'")
+        return (
+            f"precision 'fp8' needs FP8 tensor cores (compute capability >= 8.9, e.g. an H100/H200), "
+            f"but {name} has {capability[0]}.{capability[1]}; use precision 'auto'"
+        )
     return None
 
 
@@ -50,15 +52,27 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
 
-def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
-               emulate: bool = False) -> torch.Tensor:
+def fp8_matmul(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor,
+    emulate: bool = False,
+) -> torch.Tensor:
     """(x_q * x_scale) @ (w_q * w_scale)^T + bias: x_q (M, K), x_scale (M, 1), w_q (N, K), w_scale (N, 1).
     One rowwise-scaled FP8 GEMM with the bias in its epilogue (bf16 out), or with `emulate` the
     same quantized operands multiplied in fp32 (for devices without FP8 tensor cores)."""
     if emulate:
         return dequantize(x_q, x_scale) @ dequantize(w_q, w_scale).t() + bias.float()
-    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), bias=bias.to(torch.bfloat16),
-                            out_dtype=torch.bfloat16)
+    return torch._scaled_mm(
+        x_q,
+        w_q.t(),
+        scale_a=x_scale,
+        scale_b=w_scale.view(1, -1),
+        bias=bias.to(torch.bfloat16),
+        out_dtype=torch.bfloat16,
+    )
 
 
 class Fp8Linear(nn.Module):
@@ -66,8 +80,14 @@ class Fp8Linear(nn.Module):
     is quantized per token on each call; `gelu` applies the feed-forward's tanh-GELU after it. The
     output comes back in `out_dtype`."""
 
-    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype,
-                 gelu: bool = False):
+    def __init__(
+        self,
+        weight_q: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor,
+        out_dtype: torch.dtype,
+        gelu: bool = False,
+    ):
         super().__init__()
         self.register_buffer("weight", weight_q)
         self.register_buffer("scale", weight_scale.float().reshape(-1, 1))
@@ -92,11 +112,15 @@ def block_linears(block) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The FP8 layers of a reference DiTBlock by their engine names: (weight (N, K), bias (N,)),
     q|k|v stacked as the engine's fused projection."""
     attn, ff = block.attn, block.ff.ff
-    return {"qkv": (torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)),
-                    torch.cat((attn.to_q.bias, attn.to_k.bias, attn.to_v.bias))),
-            "out": (attn.to_out[0].weight, attn.to_out[0].bias),
-            "ff1": (ff[0][0].weight, ff[0][0].bias),
-            "ff2": (ff[2].weight, ff[2].bias)}
+    return {
+        "qkv": (
+            torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)),
+            torch.cat((attn.to_q.bias, attn.to_k.bias, attn.to_v.bias)),
+        ),
+        "out": (attn.to_out[0].weight, attn.to_out[0].bias),
+        "ff1": (ff[0][0].weight, ff[0][0].bias),
+        "ff2": (ff[2].weight, ff[2].bias),
+    }
 
 
 def quantize_blocks(blocks) -> dict[str, torch.Tensor]:

@@ -52,7 +52,9 @@ class GeluLinear(CastLinear):
 
 def matmuls_in(dit: DiT, dtype: torch.dtype) -> None:
     """Every linear layer of the step (all but the text embedding's) replaced by a CastLinear in `dtype`."""
-    low = {name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear) and not name.startswith("text_embed.")}
+    low = {
+        name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear) and not name.startswith("text_embed.")
+    }
     for name, linear in low.items():
         parent, _, attr = name.rpartition(".")
         setattr(dit.get_submodule(parent), attr, CastLinear(linear.weight, linear.bias, dtype))
@@ -105,8 +107,13 @@ class ChannelsLastConvPositionEmbedding(nn.Module):
         keep = padding.mask[:, None, None, :]
         for i in range(2):
             h = h.masked_fill(~keep, 0.0)
-            conv = F.conv2d(h.to(self.weight0.dtype), getattr(self, f"weight{i}"), getattr(self, f"bias{i}"),
-                            padding=(0, self.padding), groups=self.groups)
+            conv = F.conv2d(
+                h.to(self.weight0.dtype),
+                getattr(self, f"weight{i}"),
+                getattr(self, f"bias{i}"),
+                padding=(0, self.padding),
+                groups=self.groups,
+            )
             h = F.mish(conv.to(x.dtype))
         return h.masked_fill(~keep, 0.0).squeeze(2).transpose(1, 2)
 
@@ -133,14 +140,17 @@ class TritonConvPositionEmbedding(nn.Module):
 
 class EngineAttention(nn.Module):
     """The reference's self-attention (model.Attention) as the engine runs it: q, k and v from one
-    matmul of the three weights stacked (`qkv`: a CastLinear, or an Fp8Linear); rotary positions on the first head rotated in place by
-    kernels/rope.py (`rope_kernel`) or by the reference's copy; attention by row lengths
-    (kernels/attention.py, `by_lengths`) or SDPA with the key mask."""
+    matmul of the three weights stacked (`qkv`: a CastLinear, or an Fp8Linear); rotary positions
+    on the first head rotated in place by kernels/rope.py (`rope_kernel`) or by the reference's
+    copy; attention by row lengths (kernels/attention.py, `by_lengths`) or SDPA with the key mask."""
 
     def __init__(self, attn: model.Attention, qkv: nn.Module, to_out: nn.Module, by_lengths: bool, rope_kernel: bool):
         super().__init__()
         self.heads, self.dim_head = attn.heads, attn.dim_head
-        self.qkv, self.to_out = qkv, to_out  # (b, n, d) -> (b, n, 3 * h * dh) in the matmul's dtype; (b, n, h * dh) -> (b, n, d)
+        self.qkv, self.to_out = (
+            qkv,
+            to_out,
+        )  # (b, n, d) -> (b, n, 3 * h * dh) in the matmul's dtype; (b, n, h * dh) -> (b, n, d)
         self.by_lengths, self.rope_kernel = by_lengths, rope_kernel
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, padding: Padding) -> torch.Tensor:

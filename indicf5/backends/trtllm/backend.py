@@ -25,8 +25,10 @@ from indicf5.backends.trtllm import convert as trtllm_convert
 from indicf5.backends.trtllm.layout import CHECKPOINT_CONFIG, TEXT_WEIGHTS
 
 TRTLLM_VERSION = "0.16.0"
-INSTALL = (f"pip install 'indicf5-engines[trtllm]' --extra-index-url https://pypi.nvidia.com "
-           f"(tensorrt_llm=={TRTLLM_VERSION}; Linux x86_64, CUDA 12, an NVIDIA GPU; see docs/trtllm.md)")
+INSTALL = (
+    f"pip install 'indicf5-engines[trtllm]' --extra-index-url https://pypi.nvidia.com "
+    f"(tensorrt_llm=={TRTLLM_VERSION}; Linux x86_64, CUDA 12, an NVIDIA GPU; see docs/trtllm.md)"
+)
 TRTLLM_SOURCES = tuple(sorted(Path(__file__).parent.glob("*.py")))
 
 
@@ -41,8 +43,14 @@ class TrtllmBackend(Backend):
         return None
 
     def default_flags(self) -> dict[str, Any]:
-        return {"max_batch_size": 16, "max_seq_len": 4096, "opt_seq_len": 2048, "remove_input_padding": False,
-                "bert_attention_plugin": None, "strongly_typed": True}
+        return {
+            "max_batch_size": 16,
+            "max_seq_len": 4096,
+            "opt_seq_len": 2048,
+            "remove_input_padding": False,
+            "bert_attention_plugin": None,
+            "strongly_typed": True,
+        }
 
     def convert(self, export_dir: Path, dtype: DType, out: Path) -> dict:
         return trtllm_convert.convert_checkpoint(export_dir, dtype, out)  # no tensorrt_llm needed
@@ -61,9 +69,13 @@ class TrtllmBackend(Backend):
         plugins = PluginConfig()
         plugins.remove_input_padding = flags["remove_input_padding"]
         plugins.bert_attention_plugin = flags["bert_attention_plugin"]
-        build_config = BuildConfig(max_batch_size=flags["max_batch_size"], max_seq_len=flags["max_seq_len"],
-                                   max_input_len=flags["max_seq_len"], strongly_typed=flags["strongly_typed"],
-                                   plugin_config=plugins)
+        build_config = BuildConfig(
+            max_batch_size=flags["max_batch_size"],
+            max_seq_len=flags["max_seq_len"],
+            max_input_len=flags["max_seq_len"],
+            strongly_typed=flags["strongly_typed"],
+            plugin_config=plugins,
+        )
         config = IndicF5DiTConfig.from_json_file(str(converted_dir / CHECKPOINT_CONFIG))
         network = IndicF5DiT.from_checkpoint(str(converted_dir), config=config)
         start = time.perf_counter()

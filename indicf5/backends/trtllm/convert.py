@@ -21,8 +21,14 @@ from indicf5.checkpoint import load_export
 from indicf5.config import TORCH_DTYPES, DType, ModelConfig
 from indicf5.errors import InputError
 from indicf5.model import rope_inv_freq
-from indicf5.backends.trtllm.layout import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, TEXT_WEIGHTS, checkpoint_config, is_text_weight,
-                                   weight_table)
+from indicf5.backends.trtllm.layout import (
+    CHECKPOINT_CONFIG,
+    CHECKPOINT_WEIGHTS,
+    TEXT_WEIGHTS,
+    checkpoint_config,
+    is_text_weight,
+    weight_table,
+)
 
 
 def trtllm_weights(state: dict[str, torch.Tensor], config: ModelConfig, dtype: DType) -> dict[str, torch.Tensor]:
@@ -32,11 +38,17 @@ def trtllm_weights(state: dict[str, torch.Tensor], config: ModelConfig, dtype: D
     for w in weight_table(config):
         missing = [s for s in w.sources if s not in state]
         if missing:
-            raise InputError(f"the checkpoint lacks {', '.join(missing)} (needed for {w.name}); re-export it from an IndicF5 snapshot")
+            raise InputError(
+                f"the checkpoint lacks {', '.join(missing)} (needed for {w.name}); "
+                "re-export it from an IndicF5 snapshot"
+            )
         for s in w.sources:
             if tuple(state[s].shape) != w.part_shape:
-                raise InputError(f"{s} has shape {tuple(state[s].shape)}; {w.name} needs {w.part_shape} from it for this "
-                                 f"model's sizes (dim {config.dim}, heads {config.heads}); the checkpoint is damaged or of another model")
+                raise InputError(
+                    f"{s} has shape {tuple(state[s].shape)}; {w.name} needs {w.part_shape} from it for this "
+                    f"model's sizes (dim {config.dim}, heads {config.heads}); "
+                    "the checkpoint is damaged or of another model"
+                )
         parts = [state[s] for s in w.sources]
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
         out[w.name] = tensor.reshape(w.shape).to(torch_dtype).contiguous()
@@ -55,4 +67,3 @@ def convert_checkpoint(export_dir: Path, dtype: DType, out: Path) -> dict:
     save_file(text, str(out / TEXT_WEIGHTS))
     (out / CHECKPOINT_CONFIG).write_text(json.dumps(checkpoint_config(ckpt.config, dtype), indent=2))
     return {"tensors": len(weights), "text_tensors": len(text)}
-

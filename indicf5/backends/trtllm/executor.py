@@ -1,8 +1,8 @@
 """A converted TensorRT-LLM checkpoint run by torch, op for op as model.py's network computes it:
 the same fused/split tensors, the same layouts (qkv rows, 2-D conv kernels over a (b, d, 1, n)
-view, the rotary table, the additive key mask, the mask zeroing padded frames). Tests check it against the reference DiT, which
-proves the naming table, the converter and the network's math without TensorRT; on a GPU
-machine it is the yardstick for an engine built from the same checkpoint.
+view, the rotary table, the additive key mask, the mask zeroing padded frames). Tests check
+it against the reference DiT, which proves the naming table, the converter and the network's
+math without TensorRT; on a GPU machine it is the yardstick for an engine built from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -61,8 +61,15 @@ class CheckpointExecutor:
         keep4 = keep[:, None, None, :]
         p = h.transpose(1, 2).unsqueeze(2)
         for i in (1, 2):
-            p = F.mish(F.conv2d(p * keep4, self.w[f"input_embed.conv{i}.weight"], self.w[f"input_embed.conv{i}.bias"],
-                                padding=(0, c["conv_kernel"] // 2), groups=c["conv_groups"]))
+            p = F.mish(
+                F.conv2d(
+                    p * keep4,
+                    self.w[f"input_embed.conv{i}.weight"],
+                    self.w[f"input_embed.conv{i}.bias"],
+                    padding=(0, c["conv_kernel"] // 2),
+                    groups=c["conv_groups"],
+                )
+            )
         h = h + (p * keep4).squeeze(2).transpose(1, 2)
 
         rope = self.angles[:n]  # (n, dh)
@@ -77,7 +84,9 @@ class CheckpointExecutor:
         c = self.config
         heads, dh = c["num_attention_heads"], c["dim_head"]
         b, n, d = h.shape
-        shift, scale, gate, shift_ff, scale_ff, gate_ff = self.linear(f"{name}.attn_norm", F.silu(t_emb)).chunk(6, dim=-1)
+        shift, scale, gate, shift_ff, scale_ff, gate_ff = self.linear(f"{name}.attn_norm", F.silu(t_emb)).chunk(
+            6, dim=-1
+        )
         hn = F.layer_norm(h, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
         q, k, v = self.linear(f"{name}.attn.qkv", hn).chunk(3, dim=-1)  # (b, n, d) each
         q, k = (torch.cat((rotate_pairs(t[..., :dh], rope), t[..., dh:]), dim=-1) for t in (q, k))  # first head only
@@ -86,7 +95,9 @@ class CheckpointExecutor:
         attn = torch.matmul(scores.softmax(dim=-1), v).permute(0, 2, 1, 3).reshape(b, n, d)
         h = h + gate[:, None] * self.linear(f"{name}.attn.dense", attn) * keep
         hn = F.layer_norm(h, (d,), eps=1e-6) * (1 + scale_ff[:, None]) + shift_ff[:, None]
-        return h + gate_ff[:, None] * self.linear(f"{name}.ff.proj", F.gelu(self.linear(f"{name}.ff.fc", hn), approximate="tanh"))
+        return h + gate_ff[:, None] * self.linear(
+            f"{name}.ff.proj", F.gelu(self.linear(f"{name}.ff.fc", hn), approximate="tanh")
+        )
 
 
 def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

@@ -42,21 +42,29 @@ class Weight:
 
 
 def _linear(name: str, source: str, out_features: int, in_features: int) -> list[Weight]:
-    return [Weight(f"{name}.weight", (f"{source}.weight",), (out_features, in_features)),
-            Weight(f"{name}.bias", (f"{source}.bias",), (out_features,))]
+    return [
+        Weight(f"{name}.weight", (f"{source}.weight",), (out_features, in_features)),
+        Weight(f"{name}.bias", (f"{source}.bias",), (out_features,)),
+    ]
 
 
 def weight_table(c: ModelConfig) -> list[Weight]:
     d, ff = c.dim, c.dim * c.ff_mult
-    conv = lambda i, src: [  # noqa: E731
-        Weight(f"input_embed.conv{i}.weight", (f"input_embed.conv_pos_embed.conv1d.{src}.weight",), (d, d // CONV_GROUPS, 1, CONV_KERNEL),
-               source_shape=(d, d // CONV_GROUPS, CONV_KERNEL)),
-        Weight(f"input_embed.conv{i}.bias", (f"input_embed.conv_pos_embed.conv1d.{src}.bias",), (d,))]
+    conv = lambda i, src: [
+        Weight(
+            f"input_embed.conv{i}.weight",
+            (f"input_embed.conv_pos_embed.conv1d.{src}.weight",),
+            (d, d // CONV_GROUPS, 1, CONV_KERNEL),
+            source_shape=(d, d // CONV_GROUPS, CONV_KERNEL),
+        ),
+        Weight(f"input_embed.conv{i}.bias", (f"input_embed.conv_pos_embed.conv1d.{src}.bias",), (d,)),
+    ]
     table = [
         *_linear("time_embed.mlp1", "time_embed.time_mlp.0", d, FREQ_EMBED_DIM),
         *_linear("time_embed.mlp2", "time_embed.time_mlp.2", d, d),
         *_linear("input_embed.proj", "input_embed.proj", d, 2 * c.mel_dim + c.text_dim),
-        *conv(1, 0), *conv(2, 2),
+        *conv(1, 0),
+        *conv(2, 2),
     ]
     for i in range(c.depth):
         ref, trt = f"transformer_blocks.{i}", f"blocks.{i}"
@@ -103,6 +111,14 @@ def checkpoint_config(c: ModelConfig, dtype: DType) -> dict:
 
 def model_config_of(config: dict) -> ModelConfig:
     """The reference ModelConfig back from a checkpoint's config.json."""
-    return ModelConfig(dim=config["hidden_size"], depth=config["num_hidden_layers"], heads=config["num_attention_heads"],
-                       dim_head=config["dim_head"], ff_mult=config["ff_mult"], text_dim=config["text_dim"],
-                       conv_layers=config["conv_layers"], mel_dim=config["mel_dim"], text_num_embeds=config["text_num_embeds"])
+    return ModelConfig(
+        dim=config["hidden_size"],
+        depth=config["num_hidden_layers"],
+        heads=config["num_attention_heads"],
+        dim_head=config["dim_head"],
+        ff_mult=config["ff_mult"],
+        text_dim=config["text_dim"],
+        conv_layers=config["conv_layers"],
+        mel_dim=config["mel_dim"],
+        text_num_embeds=config["text_num_embeds"],
+    )

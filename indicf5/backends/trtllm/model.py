@@ -22,8 +22,26 @@ from collections import OrderedDict
 import numpy as np
 import tensorrt as trt
 from tensorrt_llm._utils import str_dtype_to_trt
-from tensorrt_llm.functional import (Tensor, cast, chunk, concat, constant, conv2d, cos, expand, gelu, matmul, shape, silu,
-                                     sin, slice, softmax, softplus, tanh, unsqueeze)
+from tensorrt_llm.functional import (
+    Tensor,
+    cast,
+    chunk,
+    concat,
+    constant,
+    conv2d,
+    cos,
+    expand,
+    gelu,
+    matmul,
+    shape,
+    silu,
+    sin,
+    slice,
+    softmax,
+    softplus,
+    tanh,
+    unsqueeze,
+)
 from tensorrt_llm.layers import LayerNorm, Linear
 from tensorrt_llm.models.modeling_utils import PretrainedModel
 from tensorrt_llm.module import Module, ModuleList
@@ -117,7 +135,7 @@ class Attention(Module):
         q, k, v = chunk(self.qkv(x), 3, dim=2)
         q = rotate_first_head(q, cos_table, sin_table, self.dim_head)
         k = rotate_first_head(k, cos_table, sin_table, self.dim_head)
-        split_heads = lambda t: t.view(concat([b, n, self.heads, self.dim_head])).permute([0, 2, 1, 3])  # noqa: E731
+        split_heads = lambda t: t.view(concat([b, n, self.heads, self.dim_head])).permute([0, 2, 1, 3])
         q, k, v = split_heads(q), split_heads(k), split_heads(v)  # (b, h, n, dh)
         scores = matmul(q, k, transb=True) * (1.0 / math.sqrt(self.dim_head)) + key_bias  # (b, h, n, n)
         out = matmul(softmax(scores, dim=3), v).permute([0, 2, 1, 3])
@@ -156,9 +174,15 @@ class IndicF5DiT(PretrainedModel):
         c = config
         self.dtype = str_dtype_to_trt(c.dtype)
         self.time_embed = TimestepEmbedding(c.hidden_size, c.freq_embed_dim, self.dtype)
-        self.input_embed = InputEmbedding(c.mel_dim, c.text_dim, c.hidden_size, c.conv_kernel, c.conv_groups, self.dtype)
-        self.blocks = ModuleList([DiTBlock(c.hidden_size, c.num_attention_heads, c.dim_head, c.ff_mult, self.dtype)
-                                  for _ in range(c.num_hidden_layers)])
+        self.input_embed = InputEmbedding(
+            c.mel_dim, c.text_dim, c.hidden_size, c.conv_kernel, c.conv_groups, self.dtype
+        )
+        self.blocks = ModuleList(
+            [
+                DiTBlock(c.hidden_size, c.num_attention_heads, c.dim_head, c.ff_mult, self.dtype)
+                for _ in range(c.num_hidden_layers)
+            ]
+        )
         self.norm_out = Linear(c.hidden_size, 2 * c.hidden_size, dtype=self.dtype)  # scale, shift (in that order)
         self.final_ln = ModulatedLayerNorm(c.hidden_size, self.dtype)
         self.proj_out = Linear(c.hidden_size, c.mel_dim, dtype=self.dtype)
@@ -188,17 +212,27 @@ class IndicF5DiT(PretrainedModel):
         velocity.mark_output("velocity", self.dtype)
         return velocity
 
-    def prepare_inputs(self, max_batch_size: int = 8, max_seq_len: int = layout.MAX_POSITIONS, opt_seq_len: int = 2048, **kwargs):
+    def prepare_inputs(
+        self, max_batch_size: int = 8, max_seq_len: int = layout.MAX_POSITIONS, opt_seq_len: int = 2048, **kwargs
+    ):
         """The engine's dynamic shapes: rows in [1, max_batch_size] (a guided batch is 2 per utterance),
         frames in [1, max_seq_len]."""
         c = self.config
         rows = ("batch_size", [[1, max(1, max_batch_size // 2), max_batch_size]])
         frames = ("frames", [[1, opt_seq_len, max_seq_len]])
-        feature = lambda name, dim, dtype=self.dtype: Tensor(  # noqa: E731
-            name=name, dtype=dtype, shape=[-1, -1, dim], dim_range=OrderedDict([rows, frames, ("features", [[dim] * 3])]))
-        return {"x": feature("x", c.mel_dim), "cond": feature("cond", c.mel_dim), "text_emb": feature("text_emb", c.text_dim),
-                "time": Tensor(name="time", dtype=trt.float32, shape=[-1], dim_range=OrderedDict([rows])),
-                "input_lengths": Tensor(name="input_lengths", dtype=trt.int32, shape=[-1], dim_range=OrderedDict([rows]))}
+        feature = lambda name, dim, dtype=self.dtype: Tensor(
+            name=name,
+            dtype=dtype,
+            shape=[-1, -1, dim],
+            dim_range=OrderedDict([rows, frames, ("features", [[dim] * 3])]),
+        )
+        return {
+            "x": feature("x", c.mel_dim),
+            "cond": feature("cond", c.mel_dim),
+            "text_emb": feature("text_emb", c.text_dim),
+            "time": Tensor(name="time", dtype=trt.float32, shape=[-1], dim_range=OrderedDict([rows])),
+            "input_lengths": Tensor(name="input_lengths", dtype=trt.int32, shape=[-1], dim_range=OrderedDict([rows])),
+        }
 
 
 def check_parameters(model: IndicF5DiT, config: IndicF5DiTConfig) -> None:
@@ -206,9 +240,11 @@ def check_parameters(model: IndicF5DiT, config: IndicF5DiTConfig) -> None:
     ours = {name: tuple(p.shape) for name, p in model.named_parameters()}
     table = {w.name: w.shape for w in layout.weight_table(layout.model_config_of(config.to_dict()))}
     if ours != table:
-        raise RuntimeError(f"IndicF5DiT's parameters differ from the naming table: only in the network "
-                           f"{sorted(set(ours) - set(table))}, only in the table {sorted(set(table) - set(ours))}, "
-                           f"shapes {[(k, ours[k], table[k]) for k in ours.keys() & table.keys() if ours[k] != table[k]]}")
+        raise RuntimeError(
+            f"IndicF5DiT's parameters differ from the naming table: only in the network "
+            f"{sorted(set(ours) - set(table))}, only in the table {sorted(set(table) - set(ours))}, "
+            f"shapes {[(k, ours[k], table[k]) for k in ours.keys() & table.keys() if ours[k] != table[k]]}"
+        )
 
 
 def register() -> None:

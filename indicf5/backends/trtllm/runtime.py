@@ -42,14 +42,27 @@ class TrtllmEngine:
         b, n, _ = x.shape
         lengths = (mask.sum(-1) if mask is not None else torch.full((b,), n, device=x.device)).to(torch.int32)
         time = time.float().expand(b).contiguous()
-        return torch.cat([self._run(x[s], cond[s], text_emb[s], time[s], lengths[s])
-                          for s in (slice(i, i + self.max_rows) for i in range(0, b, self.max_rows))])
+        return torch.cat(
+            [
+                self._run(x[s], cond[s], text_emb[s], time[s], lengths[s])
+                for s in (slice(i, i + self.max_rows) for i in range(0, b, self.max_rows))
+            ]
+        )
 
     def _run(self, x, cond, text_emb, time, lengths) -> torch.Tensor:
-        inputs = {"x": x.contiguous(), "cond": cond.contiguous(), "text_emb": text_emb.contiguous(), "time": time,
-                  "input_lengths": lengths}
-        infos = self.session.infer_shapes([TensorInfo(k, torch_dtype_to_trt(v.dtype), tuple(v.shape)) for k, v in inputs.items()])
-        outputs = {i.name: torch.empty(tuple(i.shape), dtype=trt_dtype_to_torch(i.dtype), device=x.device) for i in infos}
+        inputs = {
+            "x": x.contiguous(),
+            "cond": cond.contiguous(),
+            "text_emb": text_emb.contiguous(),
+            "time": time,
+            "input_lengths": lengths,
+        }
+        infos = self.session.infer_shapes(
+            [TensorInfo(k, torch_dtype_to_trt(v.dtype), tuple(v.shape)) for k, v in inputs.items()]
+        )
+        outputs = {
+            i.name: torch.empty(tuple(i.shape), dtype=trt_dtype_to_torch(i.dtype), device=x.device) for i in infos
+        }
         if not self.session.run(inputs, outputs, torch.cuda.current_stream().cuda_stream):
             raise RuntimeError("the TensorRT engine failed to run a flow step")
         return outputs["velocity"]

@@ -39,14 +39,29 @@ BLOCK_QUERIES, BLOCK_KEYS, WARPS, STAGES = 128, 64, 4, 3
 
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, k_desc, v_desc, token, column, start, length, scale_log2, BLOCK_N: tl.constexpr,
-                 LAST: tl.constexpr):
+def _attend_tile(
+    q,
+    acc,
+    m_i,
+    l_i,
+    k_desc,
+    v_desc,
+    token,
+    column,
+    start,
+    length,
+    scale_log2,
+    BLOCK_N: tl.constexpr,
+    LAST: tl.constexpr,
+):
     """One key tile of the online softmax: acc, m_i, l_i updated for keys [start, start + BLOCK_N)
     of the row whose first token is `token`; m_i in log2 units of the scaled scores."""
     k = k_desc.load([token + start, column])  # (BLOCK_N, HEAD), by TMA
     v = v_desc.load([token + start, column])
     s = tl.dot(q, tl.trans(k))
-    if LAST:  # the partial tile: what lies past the length (padding, or the next row's first tokens) neither scores nor adds
+    if (
+        LAST
+    ):  # the partial tile: what lies past the length (padding, or the next row's first tokens) neither scores nor adds
         real = start + tl.arange(0, BLOCK_N) < length
         s = tl.where(real[None, :], s, float("-inf"))
         v = tl.where(real[:, None], v, 0.0)  # p is 0 there, but 0 * NaN would not be
@@ -58,8 +73,22 @@ def _attend_tile(q, acc, m_i, l_i, k_desc, v_desc, token, column, start, length,
 
 
 @triton.jit
-def _attention_kernel(q_desc, k_desc, v_desc, o_ptr, lengths_ptr, n_frames, heads, o_stride_b, o_stride_n, o_stride_h, scale_log2,
-                      HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attention_kernel(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_ptr,
+    lengths_ptr,
+    n_frames,
+    heads,
+    o_stride_b,
+    o_stride_n,
+    o_stride_h,
+    scale_log2,
+    HEAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     tile, row_head = tl.program_id(0), tl.program_id(1)
     row, head = row_head // heads, row_head % heads
     length = tl.load(lengths_ptr + row)
@@ -77,9 +106,13 @@ def _attention_kernel(q_desc, k_desc, v_desc, o_ptr, lengths_ptr, n_frames, head
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     whole = length // BLOCK_N * BLOCK_N
     for start in range(0, whole, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_desc, v_desc, token, column, start, length, scale_log2, BLOCK_N, False)
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_desc, v_desc, token, column, start, length, scale_log2, BLOCK_N, False
+        )
     if whole < length:
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_desc, v_desc, token, column, whole, length, scale_log2, BLOCK_N, True)
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_desc, v_desc, token, column, whole, length, scale_log2, BLOCK_N, True
+        )
     tl.store(out, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=in_rows)
 
 
@@ -88,20 +121,46 @@ def token_matrix(t: torch.Tensor, block_tokens: int) -> TensorDescriptor:
     (block_tokens, dh) tiles: one head of consecutive tokens."""
     b, n, h, dh = t.shape
     if t.stride(-1) != 1 or t.stride(2) != dh or t.stride(0) != n * t.stride(1):
-        raise ValueError(f"padded attention reads (b, n, h, dh) tensors whose tokens are rows of one matrix, not strides {t.stride()}")
+        raise ValueError(
+            f"padded attention reads (b, n, h, dh) tensors whose tokens are rows of one matrix, "
+            f"not strides {t.stride()}"
+        )
     return TensorDescriptor(t, [b * n, h * dh], [t.stride(1), 1], [block_tokens, dh])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, block_queries: int = BLOCK_QUERIES,
-           block_keys: int = BLOCK_KEYS, warps: int = WARPS, stages: int = STAGES) -> torch.Tensor:
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    block_queries: int = BLOCK_QUERIES,
+    block_keys: int = BLOCK_KEYS,
+    warps: int = WARPS,
+    stages: int = STAGES,
+) -> torch.Tensor:
     """The kernel's launch (any tile, for kernel_bench.py): `padded_attention` on fp16/bf16 tensors
     of a device Triton runs on."""
     b, n, h, dh = q.shape
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     grid = (triton.cdiv(n, block_queries), b * h)
-    _attention_kernel[grid](token_matrix(q, block_queries), token_matrix(k, block_keys), token_matrix(v, block_keys), out,
-                            lengths.to(torch.int32), n, h, out.stride(0), out.stride(1), out.stride(2), dh ** -0.5 * math.log2(math.e),
-                            HEAD=dh, BLOCK_M=block_queries, BLOCK_N=block_keys, num_warps=warps, num_stages=stages)
+    _attention_kernel[grid](
+        token_matrix(q, block_queries),
+        token_matrix(k, block_keys),
+        token_matrix(v, block_keys),
+        out,
+        lengths.to(torch.int32),
+        n,
+        h,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        dh**-0.5 * math.log2(math.e),
+        HEAD=dh,
+        BLOCK_M=block_queries,
+        BLOCK_N=block_keys,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return out
 
 

@@ -24,8 +24,19 @@ WARPS = 4
 
 
 @triton.jit
-def _conv_mish_kernel(x_ptr, w_ptr, bias_ptr, lengths_ptr, out_ptr, n_frames, dim,
-                      KERNEL: tl.constexpr, GROUPS: tl.constexpr, CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr):
+def _conv_mish_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    lengths_ptr,
+    out_ptr,
+    n_frames,
+    dim,
+    KERNEL: tl.constexpr,
+    GROUPS: tl.constexpr,
+    CHANNELS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     tile, group, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(lengths_ptr + row)
     frames = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -55,16 +66,34 @@ def arrange_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("indicf5::conv_mish", mutates_args=())
-def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lengths: torch.Tensor,
-              block_frames: int = BLOCK_FRAMES, warps: int = WARPS) -> torch.Tensor:
+def conv_mish(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    lengths: torch.Tensor,
+    block_frames: int = BLOCK_FRAMES,
+    warps: int = WARPS,
+) -> torch.Tensor:
     """x (b, n, d), weight from `arrange_weight`, bias (d,), lengths (b,) int32 -> (b, n, d) in x's dtype."""
     x = x.contiguous()
     b, n, d = x.shape
     taps, groups, channels, _ = weight.shape
     out = torch.empty_like(x)
     grid = (triton.cdiv(n, block_frames), groups, b)
-    _conv_mish_kernel[grid](x, weight, bias, lengths, out, n, d, KERNEL=taps, GROUPS=groups, CHANNELS=channels,
-                            BLOCK_T=block_frames, num_warps=warps)
+    _conv_mish_kernel[grid](
+        x,
+        weight,
+        bias,
+        lengths,
+        out,
+        n,
+        d,
+        KERNEL=taps,
+        GROUPS=groups,
+        CHANNELS=channels,
+        BLOCK_T=block_frames,
+        num_warps=warps,
+    )
     return out
 
 

@@ -32,7 +32,9 @@ def _rotate_head(ptr, cos, sin, BLOCK_T: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rotate_first_head_kernel(qkv_ptr, angles_ptr, n_frames, token_stride, k_offset, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+def _rotate_first_head_kernel(
+    qkv_ptr, angles_ptr, n_frames, token_stride, k_offset, HALF: tl.constexpr, BLOCK_T: tl.constexpr
+):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # the grid covers the tokens exactly
     angle = tl.load(angles_ptr + (tokens % n_frames)[:, None] * (2 * HALF) + 2 * tl.arange(0, HALF)[None, :])
     cos, sin = tl.cos(angle), tl.sin(angle)
@@ -50,4 +52,6 @@ def rotate_first_head_(qkv: torch.Tensor, angles: torch.Tensor, heads: int) -> N
     b, n, width = qkv.shape
     dim_head = angles.shape[-1]
     block = next(t for t in (BLOCK_TOKENS, 4, 2, 1) if (b * n) % t == 0)
-    _rotate_first_head_kernel[(b * n // block,)](qkv, angles.contiguous(), n, width, heads * dim_head, HALF=dim_head // 2, BLOCK_T=block)
+    _rotate_first_head_kernel[(b * n // block,)](
+        qkv, angles.contiguous(), n, width, heads * dim_head, HALF=dim_head // 2, BLOCK_T=block
+    )

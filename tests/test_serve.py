@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -309,15 +308,19 @@ def test_a_cancelled_job_leaves_the_queue_and_is_never_taken():
 
 
 def test_engines_resolve_by_run_id_alias_and_backend_switch(home, tmp_path):
+    """Which engine directory a server loads for a run id, an alias and a backend switch, when the
+    engines are on this machine (fetching them from MLflow otherwise: tests/test_operations.py)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from indicf5.errors import InputError
     from indicf5.settings import Settings
-    from indicf5.tracking import REGISTERED_MODEL, TAG, register_engine, resolve_engine, use_tracking
+    from indicf5.tracking import REGISTERED_MODEL, TAG, resolve_engine, use_tracking
 
     settings = Settings()
     experiment = use_tracking(settings)
+    client = MlflowClient()
+    client.create_registered_model(REGISTERED_MODEL)
     dirs = {b: tmp_path / b for b in ("eager", "compiled")}
     runs = {}
     with mlflow.start_run(experiment_id=experiment, tags={f"{TAG}kind": "build"}) as parent:
@@ -331,16 +334,15 @@ def test_engines_resolve_by_run_id_alias_and_backend_switch(home, tmp_path):
                 f"{TAG}engine_path": str(path),
             }
             with mlflow.start_run(experiment_id=experiment, nested=True, tags=tags) as run:
-                runs[backend] = (run.info.run_id, register_engine(run, {"backend": backend}))
-    MlflowClient().set_registered_model_alias(REGISTERED_MODEL, "champion", runs["compiled"][1])
+                run_id = run.info.run_id
+                version = client.create_model_version(REGISTERED_MODEL, f"runs:/{run_id}/engine", run_id)
+                runs[backend] = (run_id, version.version)
+    client.set_registered_model_alias(REGISTERED_MODEL, "champion", runs["compiled"][1])
 
     assert resolve_engine(settings, "champion") == (dirs["compiled"], None)
     assert resolve_engine(settings, runs["eager"][0]) == (dirs["eager"], None)
     assert resolve_engine(settings, "champion", "eager") == (dirs["eager"], None)  # the same build's eager engine
-    shutil.rmtree(dirs["eager"])
-    with pytest.raises(InputError, match="not on this machine"):
-        resolve_engine(settings, runs["eager"][0])
-    MlflowClient().delete_run(runs["eager"][0])  # a build without an eager engine: the compiled one's files run eager
+    client.delete_run(runs["eager"][0])  # a build without an eager engine: the compiled one's files run eager
     assert resolve_engine(settings, "champion", "eager") == (dirs["compiled"], "eager")
     with pytest.raises(InputError, match="neither an engine directory"):
         resolve_engine(settings, "nightly")

@@ -361,7 +361,8 @@ class CompiledEngine(nn.Module):
             cfg=torch.full((), velocity.cfg_strength, device=x0.device, dtype=x0.dtype),
         )
         if self.cuda_graphs and rows * size <= self.max_tokens:
-            out = self._replay(self._graphs_for(size, rows, guided), **inputs)
+            with torch.cuda.device(x0.device):  # the engine's GPU, whatever the thread's current device
+                out = self._replay(self._graphs_for(size, rows, guided), **inputs)
         else:
             out = self._loop(guided, **inputs)
         if on_step:
@@ -522,10 +523,11 @@ class CompiledEngine(nn.Module):
         number of steps and any time grid."""
         if not self.cuda_graphs:
             return
-        for size in self.buckets:
-            for rows in self.batch_sizes:
-                if rows <= max(1, max_batch) and rows * size <= self.max_tokens:
-                    self._graphs_for(size, rows, guided)
+        with torch.cuda.device(self._index.device):
+            for size in self.buckets:
+                for rows in self.batch_sizes:
+                    if rows <= max(1, max_batch) and rows * size <= self.max_tokens:
+                        self._graphs_for(size, rows, guided)
 
     def graph_memory_bytes(self) -> int:
         """Device memory the captured shapes hold: the shared buffers and the graphs' pool."""

@@ -418,7 +418,7 @@ class CompiledEngine(nn.Module):
         self._dt = torch.zeros(SCHEDULE_ROWS, device=device, dtype=self.state_dtype)
         self._index = torch.zeros(1, device=device, dtype=torch.long)  # the step the captured step graph runs next
         self._cfg = torch.zeros((), device=device, dtype=self.state_dtype)
-        self._grid: tuple[float, ...] | None = None  # the time grid whose rows the schedule holds
+        self._loaded: tuple[tuple[float, ...], int] | None = None  # (time grid, first step) the schedule holds
         self._grids: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -500,22 +500,24 @@ class CompiledEngine(nn.Module):
         graphs.embed.replay()
         for first in range(0, len(dt), SCHEDULE_ROWS):
             count = min(SCHEDULE_ROWS, len(dt) - first)
-            if key != self._grid or first or len(dt) > SCHEDULE_ROWS:  # the schedule holds another grid's rows
+            if self._loaded != (key, first):  # the schedule holds other rows than these steps'
                 self._schedule[:count].copy_(rows[first : first + count])
                 self._dt[:count].copy_(dt[first : first + count])
-                self._grid = key if len(dt) <= SCHEDULE_ROWS else None
-            self._index.zero_()
-            for _ in range(count):
-                graphs.step.replay()
+                self._loaded = (key, first)
+            self._steps(graphs, count)
         return shape.x.clone()
+
+    def _steps(self, graphs: ShapeGraphs, count: int) -> None:
+        """`count` Euler steps from the schedule's first row."""
+        self._index.zero_()
+        for _ in range(count):
+            graphs.step.replay()
 
     def replay(self, size: int, rows: int, steps: int, guided: bool = True) -> None:
         """The captured loop of a shape over whatever its buffers hold (benchmarks time this alone)."""
         graphs = self._graphs_for(size, rows, guided)
         graphs.embed.replay()
-        self._index.zero_()
-        for _ in range(min(steps, SCHEDULE_ROWS)):
-            graphs.step.replay()
+        self._steps(graphs, min(steps, SCHEDULE_ROWS))
 
     def capture(self, guided: bool = True, max_batch: int = 1) -> None:
         """Capture every shape of up to `max_batch` utterances now (at load), so that no request

@@ -121,11 +121,13 @@ def ttfb(url: str, voice: str, chunk_text: str) -> dict:
 def first_chunk(ref: Path) -> str:
     """LONG_TEXT's first chunk as the server cuts it for the reference."""
     from indicf5.audio import prepare_reference
-    from indicf5.config import SamplingConfig
-    from indicf5.text import chunk_budget, chunk_text, normalize_ref_text
+    from indicf5.config import MelConfig, SamplingConfig
+    from indicf5.synth import text_chunks
 
-    seconds = prepare_reference(ref, SamplingConfig().target_rms).seconds
-    return chunk_text(LONG_TEXT, chunk_budget(normalize_ref_text(REF_TEXT), seconds))[0]
+    sampling = SamplingConfig()
+    reference = prepare_reference(ref, sampling.target_rms)
+    frames = reference.wave.shape[-1] // MelConfig().hop_length
+    return text_chunks(LONG_TEXT, REF_TEXT, reference.seconds, frames, sampling)[1][0]
 
 
 def engine_rate(engine: Path, device: str, ref: Path, requests: int, batches: list[int]) -> dict:

@@ -73,6 +73,20 @@ class Utterance:
     source_rms: float  # the reference's loudness: the output is scaled back to it
 
 
+def text_chunks(
+    text: str, ref_text: str, ref_seconds: float, ref_frames: int, sampling: SamplingConfig
+) -> tuple[str, list[str]]:
+    """(the reference text as the model reads it, the text's chunks) for a prepared reference of
+    `ref_seconds` and `ref_frames`: chunks of ~25 s of speech that fit the model's max_frames."""
+    ref_text = normalize_ref_text(ref_text)
+    budget = chunk_budget(ref_text, ref_seconds)
+    if len(ref_text[-1].encode()) == 1:  # upstream adds one more space before the generated text
+        ref_text += " "
+    return ref_text, chunk_text(
+        text, min(budget, frames_budget(ref_frames, ref_text, sampling.speed, sampling.max_frames))
+    )
+
+
 @dataclass
 class Synthesizer:
     model: FlowModel
@@ -124,13 +138,9 @@ class Synthesizer:
         check_text(text, self.vocab)
         check_text(ref_text, self.vocab, "reference text")
         ref = prepare_reference(ref_audio, sampling.target_rms, self.mel_config)
-        ref_text = normalize_ref_text(ref_text)
-        budget = chunk_budget(ref_text, ref.seconds)
-        if len(ref_text[-1].encode()) == 1:  # upstream adds one more space before the generated text
-            ref_text += " "
-        cond = self.reference_mel(ref)
         ref_frames = ref.wave.shape[-1] // self.mel_config.hop_length
-        chunks = chunk_text(text, min(budget, frames_budget(ref_frames, ref_text, sampling.speed, sampling.max_frames)))
+        ref_text, chunks = text_chunks(text, ref_text, ref.seconds, ref_frames, sampling)
+        cond = self.reference_mel(ref)
         rows = [
             Row(
                 cond,

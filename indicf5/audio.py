@@ -301,21 +301,15 @@ class CrossFade:
     def __init__(self, rate: int, seconds: float):
         self.fade = int(seconds * rate)
         self.tail = np.zeros(0, dtype=np.float32)  # the output's last samples, which the next chunk fades into
-        self.first = True
 
     def push(self, wave: np.ndarray) -> np.ndarray:
-        if self.first:
-            joined, self.first = wave, False
+        n = min(self.fade, len(self.tail), len(wave))  # the tail holds min(fade, all output so far): none at first
+        if n <= 0:
+            joined = np.concatenate([self.tail, wave])
         else:
-            n = min(self.fade, len(self.tail), len(wave))  # the tail holds min(fade, all output so far)
-            if n <= 0:
-                joined = np.concatenate([self.tail, wave])
-            else:
-                ramp = np.linspace(0.0, 1.0, n, dtype=self.tail.dtype)
-                kept = self.tail[: len(self.tail) - n]
-                joined = np.concatenate(
-                    [kept, self.tail[len(self.tail) - n :] * (1 - ramp) + wave[:n] * ramp, wave[n:]]
-                )
+            ramp = np.linspace(0.0, 1.0, n, dtype=self.tail.dtype)
+            kept = self.tail[: len(self.tail) - n]
+            joined = np.concatenate([kept, self.tail[len(self.tail) - n :] * (1 - ramp) + wave[:n] * ramp, wave[n:]])
         hold = min(max(self.fade, 0), len(joined))  # what the next chunk may still fade
         out, self.tail = joined[: len(joined) - hold], joined[len(joined) - hold :]
         return out

@@ -312,16 +312,21 @@ def sampling_for(
 # --- speaking: prepare -> queue -> wait -> finish -> encode
 
 
+def submit(queue: InferenceQueue, rows: list[Row], sampling: SamplingConfig, after=None):
+    """The rows queued as one job (its future); a full queue is a 429 with its Retry-After."""
+    try:
+        return queue.submit(rows, sampling, after)
+    except QueueFull as e:
+        raise ApiError(429, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+
+
 async def speak(
     request: Request, text: str, ref_audio: Path, ref_text: str, sampling: SamplingConfig, fmt: str
 ) -> Response:
     state = request.app.state
     synth = require_ready(state.engine)
     utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
-    try:
-        future = state.queue.submit(utterance.rows, sampling)
-    except QueueFull as e:
-        raise ApiError(429, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+    future = submit(state.queue, utterance.rows, sampling)
     rendered = await wait_for(future, request, state.config.request_timeout_s)
     speech = synth.finish(utterance, rendered, sampling)
     container, media_type = AUDIO_FORMATS[fmt]
@@ -362,15 +367,13 @@ async def speak_stream(
     state = request.app.state
     synth = require_ready(state.engine)
     utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
-    futures = []
-    try:
-        futures.append(state.queue.submit(utterance.rows[:1], sampling))
-        if len(utterance.rows) > 1:
-            futures.append(state.queue.submit(utterance.rows[1:], sampling, after=futures[0]))
-    except QueueFull as e:
-        for future in futures:
-            future.cancel()
-        raise ApiError(429, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+    futures = [submit(state.queue, utterance.rows[:1], sampling)]
+    if len(utterance.rows) > 1:
+        try:
+            futures.append(submit(state.queue, utterance.rows[1:], sampling, after=futures[0]))
+        except ApiError:
+            futures[0].cancel()
+            raise
     rate, deadline = synth.mel_config.sample_rate, time.monotonic() + state.config.request_timeout_s
     scale, joiner = synth.loudness_scale(utterance, sampling), CrossFade(rate, sampling.cross_fade_s)
 

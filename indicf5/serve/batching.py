@@ -211,7 +211,7 @@ class InferenceWorker(threading.Thread):
         except Exception:
             if len(jobs) == 1:
                 log.exception("inference failed for a job of %d rows", len(jobs[0].rows))
-                jobs[0].future.set_exception(_client_error())
+                jobs[0].future.set_exception(InferenceFailed())
                 return Sampled([], [], None, start)
             log.warning("a batch of %d jobs failed; sampling each alone", len(jobs), exc_info=True)
             kept, mels = [], []
@@ -221,7 +221,7 @@ class InferenceWorker(threading.Thread):
                     kept.append(job)
                 except Exception:
                     log.exception("inference failed for a job of %d rows", len(job.rows))
-                    job.future.set_exception(_client_error())
+                    job.future.set_exception(InferenceFailed())
             jobs = kept
         done = torch.cuda.Event() if self.cuda and jobs else None
         if done is not None:
@@ -254,7 +254,7 @@ class InferenceWorker(threading.Thread):
                         job.future.set_result(self.synthesizer.vocode(mels))
                     except Exception:
                         log.exception("the vocoder failed for a job of %d rows", len(mels))
-                        job.future.set_exception(_client_error())
+                        job.future.set_exception(InferenceFailed())
             seconds = time.perf_counter() - sampled.start
             self.queue.observe_batch(seconds)
             self.queue.metrics.batch_seconds.observe(seconds)
@@ -263,6 +263,5 @@ class InferenceWorker(threading.Thread):
 class InferenceFailed(Exception):
     """Rendering a request failed on the server (the log has the cause)."""
 
-
-def _client_error() -> InferenceFailed:
-    return InferenceFailed("synthesis failed on the server for this request; the server log has the cause")
+    def __init__(self):
+        super().__init__("synthesis failed on the server for this request; the server log has the cause")

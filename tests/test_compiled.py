@@ -11,6 +11,8 @@ import torch
 from conftest import rel_l2
 
 from indicf5.backends.compiled import CompiledBackend, CompiledEngine, EngineFlags, bucket_for
+from indicf5.backends.compiled.engine import SCHEDULE_ROWS
+from indicf5.backends.compiled.modules import ShiftedSumDepthwiseConv
 from indicf5.checkpoint import build_model
 from indicf5.sampler import sample
 
@@ -405,6 +407,8 @@ def test_captured_shapes_serve_every_batch_without_capturing_again(checkpoint):
         engine.capture(max_batch=4)
     captured = engine.captures
     assert captured == 2 * 3 and engine.graph_memory_bytes() > 0
+    assert 0 < engine.batch_seconds(3, 150) == engine.step_seconds[(256, 4, True)]  # 3 rows run as 4
+    assert engine.batch_seconds(1, 257) is None  # past the largest bucket
     torch.manual_seed(5)
     frames = [150, 90, 200]
     conds = [torch.randn(1, 30 + i, 100, device="cuda") for i in range(3)]
@@ -436,3 +440,32 @@ def test_captured_shapes_serve_every_batch_without_capturing_again(checkpoint):
             )
             assert rel_l2(together[row : row + 1, : frames[row]], alone) <= 2e-3, (schedule, row)
     assert engine.captures == captured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capturing_more_shapes_than_the_schedule_has_rows(checkpoint):
+    """Each capture's warm-up step reads the schedule at the step index: a server capturing more
+    shapes than the schedule's rows must not read past them (a device-side assert at load)."""
+    buckets = tuple(range(32, 32 * (SCHEDULE_ROWS + 3), 32))
+    engine = CompiledEngine(build_model(checkpoint, "cuda", torch.float16), EngineFlags(buckets=buckets))
+    with torch.inference_mode():
+        engine.capture()
+        torch.cuda.synchronize()
+        assert engine.captures == len(buckets) > SCHEDULE_ROWS
+        cond, text = torch.randn(1, 30, 100, device="cuda"), torch.randint(0, 100, (1, 20), device="cuda")
+        mel = sample(engine, cond, text, [100], nfe=7, seed=0, dtype=engine.state_dtype)
+    assert torch.isfinite(mel).all()
+
+
+def test_the_text_convolution_by_shifted_sums_computes_the_depthwise_conv():
+    """What the CUDA engine runs for the text blocks' depthwise conv equals nn.Conv1d (fp32 math),
+    at the ends of the sequence too, for fp32 and fp16 inputs."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(32, 32, kernel_size=7, padding=3, groups=32)
+    by_sums = ShiftedSumDepthwiseConv(conv)
+    x = torch.randn(3, 32, 50)
+    assert torch.allclose(by_sums(x), conv(x), atol=1e-5, rtol=1e-5)
+    half = x.half()
+    got = by_sums(half)
+    assert got.dtype == torch.float16
+    assert torch.allclose(got.float(), conv(half.float()), atol=2e-3, rtol=2e-3)

@@ -208,3 +208,22 @@ def test_the_batch_rows_follow_the_engine_s_token_budget():
         for i in range(3)
     ]
     assert [j.future for j in queue.take()] == long[:2]
+
+
+def test_a_batch_takes_the_rows_that_pay_for_its_batch_size():
+    """With the engine's cost a batch padded up to 1, 2, 4, 8 or 16 rows (the cost of the padded
+    size), 10 queued rows go as 8 and then 2, not as 10 padded to 16; 7 rows go together (within
+    10% of 4's rate); an unknown cost takes everything."""
+    padded = lambda rows: next(size for size in (1, 2, 4, 8, 16) if size >= rows)
+    costs = {1: 1.0, 2: 1.1, 4: 1.2, 8: 2.3, 16: 4.2}
+    queue = InferenceQueue(
+        Metrics(), max_batch_rows=16, max_wait_s=0, batch_cost=lambda rows, frames: costs[padded(rows)]
+    )
+    jobs = [queue.submit([row(i)], SamplingConfig()) for i in range(10)]
+    assert [j.future for j in queue.take()] == jobs[:8]
+    assert [j.future for j in queue.take()] == jobs[8:]
+    jobs = [queue.submit([row(i)], SamplingConfig()) for i in range(7)]  # 7 / 2.3 = 3.04 rows a second, 4 / 1.2 = 3.33
+    assert [j.future for j in queue.take()] == jobs
+    queue.batch_cost = lambda rows, frames: None if rows > 4 else costs[padded(rows)]
+    jobs = [queue.submit([row(i)], SamplingConfig()) for i in range(10)]
+    assert [j.future for j in queue.take()] == jobs

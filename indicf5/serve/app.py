@@ -128,6 +128,8 @@ class Engine:
             model = self.synthesizers[0].model
             if hasattr(model, "max_batch"):  # the engine's token budget bounds a batch's rows at each length
                 self.queue.rows_for = model.max_batch
+            if hasattr(model, "batch_seconds"):  # and its measured cost, which batch sizes pay
+                self.queue.batch_cost = model.batch_seconds
             self.queue.workers = len(self.synthesizers)
             self.watch_after_ready()
             self.workers = [InferenceWorker(self.queue, s) for s in self.synthesizers]

@@ -7,7 +7,8 @@ batch with, samples them as one engine batch, and hands the mels to its vocoder 
                                           loop is done on the GPU)          beside the next batch's loop)
 
 Jobs share a batch when their sampling settings match and their lengths are similar (padding a
-short row to a long one wastes the engine's time), up to the engine's rows for that length. A
+short row to a long one wastes the engine's time), up to the engine's rows for that length, and
+as many of them as pay for their batch size by the engine's measured cost (`batch_cost`). A
 job is taken only when the GPU is about to run it, so one cancelled by then (client gone, timed
 out) is never rendered. A batch that fails is split: each job is sampled alone, and only the
 one that fails alone fails. A job may follow another (`after`, a stream's later chunks): it is
@@ -67,10 +68,12 @@ class InferenceQueue:
         max_wait_s: float = 0.01,
         length_ratio: float = 1.5,
         rows_for: Callable[[int], int] | None = None,
+        batch_cost: Callable[[int, int], float | None] | None = None,
     ):
         self.metrics, self.max_queue, self.max_batch_rows = metrics, max_queue, max_batch_rows
         self.max_wait_s, self.length_ratio = max_wait_s, length_ratio
         self.rows_for = rows_for or (lambda frames: max_batch_rows)  # the engine's most rows a batch at a length
+        self.batch_cost = batch_cost  # (rows, frames) -> the engine's seconds a step, None where unknown
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -120,6 +123,22 @@ class InferenceQueue:
                 rows, frames = rows + len(job.rows), max(frames, job.frames)
         return batch
 
+    def _paying(self, batch: list[Job]) -> list[Job]:
+        """The oldest jobs of `batch` that render the most rows per second of the engine's cost,
+        taking more rows where they come within 10% of the best: the engine runs a batch padded
+        up to its next batch size, so 10 rows can cost what 16 do, while 8 of them cost half."""
+        if self.batch_cost is None:
+            return batch
+        rates, rows, frames = [], 0, 0
+        for job in batch:
+            rows, frames = rows + len(job.rows), max(frames, job.frames)
+            cost = self.batch_cost(rows, frames)
+            if cost is None:
+                return batch
+            rates.append(rows / cost)
+        best = max(rates)
+        return batch[: max(i for i, rate in enumerate(rates, 1) if rate >= 0.9 * best)]
+
     def _first(self) -> Job | None:
         return next((job for job in self._jobs if self._ready(job)), None)
 
@@ -142,7 +161,7 @@ class InferenceQueue:
                     self._cond.wait(remaining)
                 if first is None:
                     continue
-                batch = self._batch(first)
+                batch = self._paying(self._batch(first))
                 for job in batch:
                     self._jobs.remove(job)
                 self._depth_changed()

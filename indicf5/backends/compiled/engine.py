@@ -79,6 +79,7 @@ from indicf5.backends.compiled.modules import (
     GeluLinear,
     NormedInMatmulDtype,
     Padding,
+    ShiftedSumDepthwiseConv,
     TritonConvPositionEmbedding,
     bucket_for,
     matmuls_in,
@@ -261,6 +262,9 @@ class CompiledEngine(nn.Module):
                 to_out, ff1, ff2 = block.attn.to_out[0], GeluLinear(*linears["ff1"], dtype), block.ff.ff[2]
             block.attn = EngineAttention(block.attn, qkv, to_out, choice.by_lengths, choice.rope_kernel)
             block.ff.ff[0], block.ff.ff[2] = ff1, ff2
+        if device.type == "cuda":
+            for text_block in dit.text_embed.text_blocks:
+                text_block.dwconv = ShiftedSumDepthwiseConv(text_block.dwconv)
         position = TritonConvPositionEmbedding if choice.triton_conv else ChannelsLastConvPositionEmbedding
         dit.input_embed.conv_pos_embed = position(dit.input_embed.conv_pos_embed, dtype).to(device)
         if choice.precision == "mixed":
@@ -275,6 +279,7 @@ class CompiledEngine(nn.Module):
         dit.input_embed.compile(dynamic=True)
         self.graphs: dict[tuple[int, int, bool], ShapeGraphs] = {}
         self.captures = 0  # shapes captured, ever: a server checks that serving adds none
+        self.step_seconds: dict[tuple[int, int, bool], float] = {}  # a captured shape's step, measured at capture
         if self.cuda_graphs:
             self._allocate_shared(device)
 
@@ -463,6 +468,7 @@ class CompiledEngine(nn.Module):
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside capture: compilation, cuBLAS workspaces, Triton launchers
                 self._embed_into(shape, guided)
+                self._index.zero_()  # the step reads the schedule's row at the index: keep it in the schedule
                 self._step_into(shape, guided)
             torch.cuda.current_stream().wait_stream(side)
             embed, step = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
@@ -471,6 +477,7 @@ class CompiledEngine(nn.Module):
             with torch.cuda.graph(step, pool=self.pool):
                 self._step_into(shape, guided)
             self.graphs[key] = ShapeGraphs(shape, embed, step)
+            self.step_seconds[key] = self._time_step(step)
             self.captures += 1
             log.info(
                 "captured %d frames x %d%s in %.2f s",
@@ -480,6 +487,25 @@ class CompiledEngine(nn.Module):
                 time.perf_counter() - start,
             )
         return self.graphs[key]
+
+    def _time_step(self, step: torch.cuda.CUDAGraph, replays: int = 3) -> float:
+        """Seconds a replay of a step graph takes (what a server weighs batch sizes by)."""
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._index.zero_()
+        step.replay()
+        begin.record()
+        for _ in range(replays):
+            step.replay()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / replays / 1e3
+
+    def batch_seconds(self, rows: int, frames: int) -> float | None:
+        """Seconds one guided step of a batch of `rows` utterances of up to `frames` frames takes,
+        measured when its shape was captured; None for a shape not captured."""
+        if frames > self.buckets[-1]:
+            return None
+        return self.step_seconds.get((bucket_for(frames, self.buckets), self.batch_size_for(rows), True))
 
     def _schedule_of(self, t: torch.Tensor) -> tuple[tuple[float, ...], torch.Tensor, torch.Tensor]:
         """(key, rows (steps, total), dt (steps,)) of a time grid; a grid's rows are computed once."""

@@ -138,6 +138,28 @@ class TritonConvPositionEmbedding(nn.Module):
         return conv_mish(conv_mish(x, self.weight0, self.bias0, lengths), self.weight1, self.bias1, lengths)
 
 
+class ShiftedSumDepthwiseConv(nn.Module):
+    """The text blocks' depthwise Conv1d (k taps, `same` padding) as k shifted multiply-adds in fp32.
+    On CUDA cuDNN spends ~20 ms of host time on every call of this convolution (capture included),
+    which made it most of each shape's capture at load; these are a few elementwise kernels, run
+    once a loop inside the embed graph."""
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        assert conv.groups == conv.in_channels == conv.out_channels and conv.padding[0] * 2 + 1 == conv.kernel_size[0]
+        self.register_buffer("weight", conv.weight.detach()[:, 0].float())  # (d, k)
+        self.register_buffer("bias", conv.bias.detach().float()[:, None])  # (d, 1)
+        self.pad = conv.padding[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, d, n) -> (b, d, n)
+        n = x.shape[-1]
+        padded = F.pad(x.float(), (self.pad, self.pad))
+        y = self.bias.expand_as(x)
+        for k in range(self.weight.shape[1]):
+            y = y + padded[..., k : k + n] * self.weight[:, k : k + 1]
+        return y.to(x.dtype)
+
+
 class EngineAttention(nn.Module):
     """The reference's self-attention (model.Attention) as the engine runs it: q, k and v from one
     matmul of the three weights stacked (`qkv`: a CastLinear, or an Fp8Linear); rotary positions

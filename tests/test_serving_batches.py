@@ -224,6 +224,7 @@ def test_a_batch_takes_the_rows_that_pay_for_its_batch_size():
     assert [j.future for j in queue.take()] == jobs[8:]
     jobs = [queue.submit([row(i)], SamplingConfig()) for i in range(7)]  # 7 / 2.3 = 3.04 rows a second, 4 / 1.2 = 3.33
     assert [j.future for j in queue.take()] == jobs
-    queue.batch_cost = lambda rows, frames: None if rows > 4 else costs[padded(rows)]
-    jobs = [queue.submit([row(i)], SamplingConfig()) for i in range(10)]
-    assert [j.future for j in queue.take()] == jobs
+    for unknown in (None, 0.0):
+        queue.batch_cost = lambda rows, frames, unknown=unknown: unknown if rows > 4 else costs[padded(rows)]
+        jobs = [queue.submit([row(i)], SamplingConfig()) for i in range(10)]
+        assert [j.future for j in queue.take()] == jobs

@@ -133,7 +133,7 @@ class InferenceQueue:
         for job in batch:
             rows, frames = rows + len(job.rows), max(frames, job.frames)
             cost = self.batch_cost(rows, frames)
-            if cost is None:
+            if cost is None or cost <= 0:  # a shape the engine has not measured: no grounds to leave rows
                 return batch
             rates.append(rows / cost)
         best = max(rates)

@@ -29,13 +29,20 @@ from pydantic import BaseModel
 log = logging.getLogger(__name__)
 
 
-def _writer() -> str:
-    """This process, as temporary names record it: `<pid>@<host>` (host names hold no '@')."""
+def writer() -> str:
+    """This process, as temporary names (and build runs) record it: `<pid>@<host>` (host names hold no '@')."""
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
+def writer_gone(recorded: str) -> bool:
+    """Whether the `<pid>@<host>` process `recorded` is a process of this host that has ended; a
+    live one's, another host's (which cannot be checked from here) and malformed values are not."""
+    pid, _, host = recorded.partition("@")
+    return pid.isdigit() and host == socket.gethostname() and not _alive(int(pid))
+
+
 def _temp_prefix(path: Path) -> str:
-    return f".tmp-{path.name}-{_writer()}-"
+    return f".tmp-{path.name}-{writer()}-"
 
 
 # .tmp-<name>-<pid>@<host>-<random>: the temporary directories and files, and publish_dir's .old-* swap
@@ -72,7 +79,7 @@ def temp_dir_beside(path: Path) -> Iterator[Path]:
 def publish_dir(tmp: Path, path: Path) -> None:
     """Rename the complete `tmp` to `path`; whatever stood there is swapped out, then removed."""
     if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-{_writer()}-", dir=path.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-{writer()}-", dir=path.parent))
         try:
             os.replace(path, old / path.name)
         except FileNotFoundError:  # a concurrent publisher swapped it out first
@@ -107,10 +114,10 @@ def _alive(pid: int) -> bool:
 def sweep_stale(root: Path) -> list[Path]:
     """Removes the temporary entries under `root` (and one level down) whose writer, a process of
     this host, is gone; a live writer's, another host's and unrecognised names are left alone."""
-    root, host, removed = Path(root), socket.gethostname(), []
+    root, removed = Path(root), []
     for entry in [*root.glob(".tmp-*"), *root.glob("*/.tmp-*"), *root.glob(".old-*"), *root.glob("*/.old-*")]:
-        writer = _WRITTEN_BY.match(entry.name)
-        if writer is None or writer["host"] != host or _alive(int(writer["pid"])):
+        written_by = _WRITTEN_BY.match(entry.name)
+        if written_by is None or not writer_gone(f"{written_by['pid']}@{written_by['host']}"):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

@@ -1,7 +1,8 @@
 """MLflow records of builds: a run per build, a nested run and a registered model per engine.
 
-A build's run opens when its flow starts and closes when it ends (FAILED when the build fails),
-linked to its Prefect flow run and the git commit of the code. Once registered it carries the tag
+A build's run opens when its flow starts and closes when it ends (FAILED when the build fails,
+KILLED when the next build finds its process gone), linked to its Prefect flow run and the git
+commit of the code. Once registered it carries the tag
 ``indicf5.build_key`` (a hash of every artifact the build used), which makes registering
 idempotent: a rerun of an unchanged build finds its run instead of adding one. Runs are tagged
 with the repo and the resolved sha so watchers and comparisons can query them. Every engine that
@@ -32,7 +33,7 @@ from indicf5.hub import SourceRef
 from indicf5.mlflow_model import ENGINE_ARTIFACT, PACKAGE, engine_dir_of, log_engine_model
 from indicf5.parity import ParityReport
 from indicf5.settings import Settings
-from indicf5.store import Manifest, publish_dir, stable_hash, temp_dir_beside
+from indicf5.store import Manifest, publish_dir, stable_hash, temp_dir_beside, writer, writer_gone
 
 TAG = "indicf5."
 REGISTERED_MODEL = "indicf5-engine"
@@ -87,9 +88,10 @@ def git_commit() -> str | None:
 
 def start_build(settings: Settings, started: float, flow_run_id: str | None, flow_run_url: str | None) -> str:
     """A RUNNING MLflow run for a build that started at `started` (epoch seconds), linked to its
-    Prefect flow run; its id."""
+    Prefect flow run and tagged with this process (`close_abandoned_builds`); its id."""
     experiment = use_tracking(settings)
     tags = {"mlflow.source.name": SOURCE_NAME, "mlflow.source.type": "JOB", f"{TAG}kind": "build"}
+    tags[f"{TAG}writer"] = writer()
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
     if flow_run_id:
@@ -112,6 +114,24 @@ def end_build(settings: Settings, run_id: str, registered: str | None, error: st
     if error:
         client.set_tag(run_id, f"{TAG}error", error[:5000])
     client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+
+
+def close_abandoned_builds(settings: Settings) -> list[str]:
+    """Closes as KILLED, with the reason in their error tag, the build runs left RUNNING by a
+    process of this host that has ended (a killed build cannot close its own run); builds still
+    running and other hosts' are left alone. The ids of the runs closed."""
+    experiment = use_tracking(settings)
+    client, closed = MlflowClient(), []
+    running = client.search_runs([experiment], f"attributes.status = 'RUNNING' and tags.`{TAG}kind` = 'build'")
+    for run in running:
+        recorded = run.data.tags.get(f"{TAG}writer", "")
+        if writer_gone(recorded):
+            client.set_tag(
+                run.info.run_id, f"{TAG}error", f"the build's process ({recorded}) ended without closing its run"
+            )
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def run_url(settings: Settings, run_id: str) -> str | None:

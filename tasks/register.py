@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -17,7 +17,9 @@ from tasks.common import content_cache_key
 @task(name="start_build_run")
 def start_build_run(started: float) -> str:
     """The build's MLflow run, open from the flow's start (`started`, epoch seconds), linked to this
-    Prefect flow run."""
+    Prefect flow run. Runs left open by killed builds are closed first."""
+    for run_id in tracking.close_abandoned_builds(Settings()):
+        get_run_logger().info("closed MLflow run %s as KILLED: its build was stopped", run_id)
     return tracking.start_build(Settings(), started, flow_run.id, flow_run.ui_url)
 
 

@@ -183,6 +183,13 @@ def test_sigkill_of_the_command_during_build_leaves_nothing_running_and_the_reru
         assert stages[stage] == "Cached", stages
     assert stages["eager-fp32/build_engine"] == "Completed"
     assert [p.name for p in (home / "build").iterdir()] == [Path(engine_path(done.stdout)).name]  # swept
+    client = MlflowClient(Settings().tracking_uri)
+    builds = client.search_runs(
+        [client.get_experiment_by_name(Settings().mlflow_experiment).experiment_id], "tags.`indicf5.kind` = 'build'"
+    )
+    by_status = {run.info.status: run for run in builds}
+    assert len(builds) == 2 and set(by_status) == {"KILLED", "FINISHED"}  # the killed build's run closed by the rerun
+    assert by_status["KILLED"].data.tags["indicf5.writer"].startswith(f"{proc.pid}@")
 
 
 def engine_path(stdout: str) -> str:

@@ -5,7 +5,8 @@ without streaming.
 
     python bench/load.py --engine ENGINE_DIR [--requests 64 --concurrency 8 --max-batch 1 8 --device cuda]
     python bench/load.py --synthetic [...]           # builds a small synthetic eager engine first
-    python bench/load.py --synthetic --size indicf5 --backend compiled --dtype fp16 --device cuda   # the H100 record
+    python bench/load.py --synthetic --size indicf5 --backend compiled --dtype fp16 --device cuda \
+        --requests 128 --concurrency 32 --max-batch 1 8 16 32 --engine-rate --ttfb   # performance.md's table
     python bench/load.py --url http://host:8000 --voice NAME [...]   # an already running server
 
 Each request is POST /v1/audio/speech of one of a few sentences in one voice. A warm-up round

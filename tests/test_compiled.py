@@ -270,6 +270,32 @@ def test_the_triton_position_convolution_computes_the_reference():
     assert float(errors["torch.float32"]) <= 1e-5 and float(errors["torch.float16"]) <= 2e-3, errors
 
 
+GELU_QUANTIZE_CHECK = """
+import torch, triton
+from indicf5.backends.compiled.kernels.quantize import ROW_ELEMENTS, WARPS, _gelu_quantize_rows_kernel
+torch.manual_seed(0)
+x = (torch.randn(13, 256) * 3).to(torch.bfloat16)
+x[5] = 0  # a padding row
+gelu = torch.nn.functional.gelu(x.float(), approximate="tanh")
+want_scale = gelu.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+want = (gelu / want_scale).clamp(-448.0, 448.0)
+scaled, scale = torch.empty(13, 256), torch.empty(13, 1)  # fp32 where the engine stores e4m3: the values uncast
+block = ROW_ELEMENTS // 256
+_gelu_quantize_rows_kernel[(triton.cdiv(13, block),)](x, scaled, scale, 13, K=256, BLOCK_M=block, num_warps=WARPS)
+scale_err = (scale - want_scale).abs().max() / want_scale.max()
+print(float(scale_err), float((scaled - want).abs().max()), float(scaled.abs().max()))
+"""
+
+
+def test_the_gelu_quantization_kernel_scales_each_row_to_e4m3_s_range():
+    """kernels/quantize.py's kernel, run by Triton's interpreter on the CPU with an fp32 output (the
+    interpreter's own e4m3 cast is not the GPU's): each row's tanh-GELU over its scale, clamped to
+    +-448, and the scales max|gelu| / 448, for rows that do not fill the last program and a zero row."""
+    out = run_python(GELU_QUANTIZE_CHECK, TRITON_INTERPRET="1")
+    scale_err, value_err, largest = (float(v) for v in out.split())
+    assert scale_err <= 1e-6 and value_err <= 1e-3 and largest == 448.0, out
+
+
 ROPE_KERNEL_CHECK = """
 import torch
 from indicf5.backends.compiled.kernels.rope import rotate_first_head_
@@ -298,9 +324,12 @@ def test_the_rotary_kernel_rotates_the_first_head_in_place():
     assert all(v_kept for _, v_kept in results.values()), results
 
 
+CONSTANT_ROWS = {"rows": "i32", "K": "constexpr", "BLOCK_M": "constexpr"}  # the quantization kernel's other arguments
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_the_triton_kernels_compile_for_hopper(dtype):
-    """The three Triton kernels compile to sm_90 machine code at IndicF5's tiles, here without a GPU,
+    """The four Triton kernels compile to sm_90 machine code at IndicF5's tiles, here without a GPU,
     and attention also for an RTX 3090 (sm_86, no TMA: Triton lowers the descriptors to loads).
     Triton's interpreter (the tests above) runs code its compiler refuses, such as a plain global
     read inside a kernel; this catches that before a device run does."""
@@ -310,6 +339,7 @@ def test_the_triton_kernels_compile_for_hopper(dtype):
 
     from indicf5.backends.compiled.kernels import attention as padded_attention
     from indicf5.backends.compiled.kernels import conv as conv_kernel
+    from indicf5.backends.compiled.kernels import quantize as quantize_kernel
     from indicf5.backends.compiled.kernels import rope as rope_kernel
 
     hopper, pointer = GPUTarget("cuda", 90, 32), f"*{dtype}"
@@ -362,6 +392,13 @@ def test_the_triton_kernels_compile_for_hopper(dtype):
         },
         constexprs={"HEAD": 64, "BLOCK_M": padded_attention.BLOCK_QUERIES, "BLOCK_N": padded_attention.BLOCK_KEYS},
     )
+    gelu_quantize = ASTSource(
+        fn=quantize_kernel._gelu_quantize_rows_kernel,
+        signature={"x_ptr": pointer, "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", **CONSTANT_ROWS},
+        constexprs={"K": 2048, "BLOCK_M": quantize_kernel.ROW_ELEMENTS // 2048},
+    )
+    quantized = triton_compile(gelu_quantize, target=hopper, options={"num_warps": quantize_kernel.WARPS})
+    assert "cvt.rn.satfinite.e4m3x2.f32" in quantized.asm["ptx"]  # round to nearest, as torch's cast
     for source, warps in ((rope, 4), (conv, conv_kernel.WARPS), (attention, padded_attention.WARPS)):
         compiled = triton_compile(source, target=hopper, options={"num_warps": warps})
         assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"], source.fn

@@ -41,8 +41,11 @@ def test_the_fp8_linear_is_the_float_linear_within_the_rounding_of_its_operands(
         fp8.dequantize(x_q, x_scale) @ fp8.dequantize(layer.weight, layer.scale).t() + bias.to(torch.bfloat16).float()
     )
     assert torch.allclose(got.flatten(0, 1), exact, rtol=1e-6, atol=1e-6)
-    gelu = fp8.Fp8Linear.of(weight, bias, torch.float32, gelu=True)(x)
-    assert torch.allclose(gelu, torch.nn.functional.gelu(got, approximate="tanh"), rtol=1e-6, atol=1e-6)
+    weight2, bias2 = torch.randn(64, 96) / 10, torch.randn(64)
+    second = fp8.Fp8Linear.of(weight2, bias2, torch.float32, gelu_in=True)  # the feed-forward's second layer
+    assert not second.fused_gelu  # the fused kernel is CUDA's
+    after_gelu = fp8.Fp8Linear.of(weight2, bias2, torch.float32)(torch.nn.functional.gelu(got, approximate="tanh"))
+    assert torch.allclose(second(got), after_gelu, rtol=1e-6, atol=1e-6)
 
 
 def test_quantized_block_weights_survive_the_engine_file(checkpoint, tmp_path):
@@ -120,3 +123,27 @@ def test_the_parity_gate_holds_fp8_engines_to_their_own_threshold(checkpoint):
     assert (
         check_parity(reference, reference, "fp32", checkpoint.config.text_num_embeds, "cpu", config).threshold == 1e-4
     )
+
+
+@CUDA_FP8
+def test_the_fused_gelu_quantization_is_the_torch_one_on_the_gpu():
+    """kernels/quantize.py against fp8.quantize_rows of the tanh-GELU: the same scales, and the
+    same e4m3 values but where the two GELUs round to opposite sides of an e4m3 midpoint."""
+    from indicf5.backends.compiled.kernels.quantize import gelu_quantize_rows
+
+    torch.manual_seed(4)
+    x = (torch.randn(1000, 2048, device="cuda") * 3).to(torch.bfloat16)
+    x[7] = 0  # a padding row
+    q, scale = gelu_quantize_rows(x)
+    want_q, want_scale = fp8.quantize_rows(torch.nn.functional.gelu(x.float(), approximate="tanh"))
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (1000, 1)
+    assert torch.allclose(scale, want_scale, rtol=1e-5, atol=0)
+    assert (q.float() != want_q.float()).float().mean() < 1e-3
+    assert rel_l2(fp8.dequantize(q, scale), fp8.dequantize(want_q, want_scale)) < 1e-3
+    layer = fp8.Fp8Linear.of(
+        torch.randn(512, 2048, device="cuda") / 40, torch.randn(512, device="cuda"), torch.bfloat16, gelu_in=True
+    )
+    assert layer.fused_gelu
+    unfused = fp8.Fp8Linear(layer.weight, layer.scale, layer.bias, torch.bfloat16)  # the same weights
+    after_gelu = unfused(torch.nn.functional.gelu(x.float(), approximate="tanh"))
+    assert rel_l2(layer(x).float(), after_gelu.float()) < 5e-3

@@ -249,14 +249,17 @@ class CompiledEngine(nn.Module):
         for i, block in enumerate(dit.transformer_blocks):
             linears = fp8.block_linears(block)
             if choice.precision == "fp8":
-                layer = lambda name, gelu=False: fp8.Fp8Linear(
+                layer = lambda name, out_dtype=dtype, gelu_in=False: fp8.Fp8Linear(
                     fp8_weights[f"{i}.{name}.weight"].to(device),
                     fp8_weights[f"{i}.{name}.scale"].to(device),
                     linears[name][1],
-                    dtype,
-                    gelu,
+                    out_dtype,
+                    gelu_in,
                 )
-                qkv, to_out, ff1, ff2 = layer("qkv"), layer("out"), layer("ff1", gelu=True), layer("ff2")
+                qkv, to_out = layer("qkv"), layer("out")
+                # the GELU between the feed-forward's layers runs with ff2's input quantization;
+                # the pre-activation stays in the GEMM's bf16
+                ff1, ff2 = layer("ff1", out_dtype=torch.bfloat16), layer("ff2", gelu_in=True)
             else:
                 qkv = CastLinear(*linears["qkv"], dtype, upcast=False)
                 to_out, ff1, ff2 = block.attn.to_out[0], GeluLinear(*linears["ff1"], dtype), block.ff.ff[2]

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from indicf5.backends.compiled.kernels import quantize
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
 FP8_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
@@ -77,8 +79,9 @@ def fp8_matmul(
 
 class Fp8Linear(nn.Module):
     """A linear layer with e4m3 weights (quantized at build, a scale per output channel) whose input
-    is quantized per token on each call; `gelu` applies the feed-forward's tanh-GELU after it. The
-    output comes back in `out_dtype`."""
+    is quantized per token on each call; `gelu_in` applies the feed-forward's tanh-GELU to the
+    input first (the second feed-forward layer: on CUDA the GELU and the quantization are one
+    kernel, kernels/quantize.py). The output comes back in `out_dtype`."""
 
     def __init__(
         self,
@@ -86,25 +89,29 @@ class Fp8Linear(nn.Module):
         weight_scale: torch.Tensor,
         bias: torch.Tensor,
         out_dtype: torch.dtype,
-        gelu: bool = False,
+        gelu_in: bool = False,
     ):
         super().__init__()
         self.register_buffer("weight", weight_q)
         self.register_buffer("scale", weight_scale.float().reshape(-1, 1))
         self.register_buffer("bias", bias.detach().to(torch.bfloat16))
-        self.out_dtype, self.gelu = out_dtype, gelu
+        self.out_dtype, self.gelu_in = out_dtype, gelu_in
         self.emulate = unsupported(weight_q.device) is not None
+        k = weight_q.shape[1]
+        self.fused_gelu = gelu_in and not self.emulate and k & (k - 1) == 0 and k <= quantize.ROW_ELEMENTS
 
     @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype, gelu: bool = False) -> Fp8Linear:
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype, gelu_in: bool = False) -> Fp8Linear:
         """From a float weight (N, K): quantized here (tests and benchmarks; builds store theirs)."""
-        return cls(*quantize_rows(weight.detach()), bias, out_dtype, gelu)
+        return cls(*quantize_rows(weight.detach()), bias, out_dtype, gelu_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q, x_scale = quantize_rows(x.flatten(0, -2))
+        flat = x.flatten(0, -2)
+        if self.fused_gelu:
+            x_q, x_scale = quantize.gelu_quantize_rows(flat)
+        else:
+            x_q, x_scale = quantize_rows(F.gelu(flat.float(), approximate="tanh") if self.gelu_in else flat)
         y = fp8_matmul(x_q, x_scale, self.weight, self.scale, self.bias, self.emulate)
-        if self.gelu:
-            y = F.gelu(y.float(), approximate="tanh")
         return y.to(self.out_dtype).unflatten(0, x.shape[:-1])
 
 

@@ -1,7 +1,7 @@
 """A bounded load test of `indicf5 serve` on loopback: throughput and latency percentiles per max
 batch, side by side in one run, against the engine's own throughput on the same rows and the
-matmul floor of the workload; and the time to the first audio byte of a long text with and
-without streaming.
+matmul floor of the workload, and where a request's time goes in the server (mean ms in each
+stage); and the time to the first audio byte of a long text with and without streaming.
 
     python bench/load.py --engine ENGINE_DIR [--requests 64 --concurrency 8 --max-batch 1 8 --device cuda]
     python bench/load.py --synthetic [...]           # builds a small synthetic eager engine first
@@ -13,7 +13,9 @@ Each request is POST /v1/audio/speech of one of a few sentences in one voice. A 
 (one request per client, not measured) comes first: it takes the engine's first-call costs for
 the batch sizes the run will see. Prints requests/s, seconds of audio per second, latency
 p50/p90/p99/max, errors by status, the server's mean rows per engine batch and the shapes it
-captured after it turned ready (none, when its load captured them all). `--engine-rate` also
+captured after it turned ready (none, when its load captured them all), and the mean ms a request
+spends in each server stage (prepare, queue, engine: its batch's loop on the device, vocoder,
+encode; "other" is the mean latency left: HTTP and the threads' hand-offs). `--engine-rate` also
 renders the same requests' rows in this process, in batches of each max batch, for the engine's
 own audio seconds per second (what the server should deliver); on a GPU the matmul floor is the
 workload's matmul FLOPs at the measured bf16 rate. `--ttfb` times a long text (4+ chunks): the
@@ -49,6 +51,18 @@ def metric(url: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M))
 
 
+STAGES = ("prepare", "queue", "engine", "vocoder", "encode")
+
+
+def stage_totals(url: str) -> dict[str, tuple[float, float]]:
+    """(seconds, observations) so far of each server stage (indicf5_stage_seconds)."""
+    text = httpx.get(f"{url}/metrics").text
+    total = lambda stage, part: sum(
+        float(v) for v in re.findall(rf'^indicf5_stage_seconds_{part}{{stage="{stage}"}} (\S+)$', text, re.M)
+    )
+    return {stage: (total(stage, "sum"), total(stage, "count")) for stage in STAGES}
+
+
 def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds: float, seed: int = 0) -> dict:
     deadline = time.monotonic() + max_seconds
     with httpx.Client(limits=httpx.Limits(max_connections=concurrency), timeout=600) as client:
@@ -66,6 +80,7 @@ def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds:
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(one, range(concurrency)))  # warm-up
             batches0, rows0 = metric(url, "indicf5_batch_rows_count"), metric(url, "indicf5_batch_rows_sum")
+            stages0 = stage_totals(url)
             start = time.perf_counter()
             results = [r for r in pool.map(one, range(requests)) if r is not None]
             wall = time.perf_counter() - start
@@ -76,6 +91,11 @@ def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds:
         if status != 200:
             errors[str(status)] = errors.get(str(status), 0) + 1
     batches = metric(url, "indicf5_batch_rows_count") - batches0
+    stages = {
+        stage: (seconds - stages0[stage][0]) / (count - stages0[stage][1]) * 1e3
+        for stage, (seconds, count) in stage_totals(url).items()
+        if count > stages0[stage][1]
+    }  # mean ms a request (a job: a request of one chunk) spends in each stage
     pct = lambda q: float(np.percentile(latencies, q)) if len(latencies) else float("nan")
     return {
         "requests": len(results),
@@ -84,6 +104,7 @@ def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds:
         "wall_s": wall,
         "rps": len(ok) / wall,
         "audio_s_per_s": sum(r[2] for r in ok) / wall,
+        "mean_ms": float(latencies.mean()) if len(latencies) else float("nan"),
         "p50_ms": pct(50),
         "p90_ms": pct(90),
         "p99_ms": pct(99),
@@ -92,6 +113,7 @@ def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds:
         "captures_after_ready": metric(url, "indicf5_engine_captures_after_ready"),
         "compiles_after_ready": metric(url, "indicf5_engine_compiles_after_ready"),
         "graph_memory_mib": metric(url, "indicf5_engine_graph_memory_bytes") / 2**20,
+        "stage_ms": stages,
     }
 
 
@@ -279,6 +301,15 @@ def main() -> None:
             f"{r['p99_ms']:>8.0f} {r['max_ms']:>8.0f} {r['rows_per_batch']:>10.2f} {r['captures_after_ready']:>8.0f} "
             f"{own or float('nan'):>10.2f} {r['audio_s_per_s'] / own if own else float('nan'):>13.2f} "
             f"{r['audio_s_per_s'] / floor if floor else float('nan'):>8.2f}  {r['errors'] or '-'}"
+        )
+    print(f"\n{'server':16} " + " ".join(f"{stage + ' ms':>11}" for stage in STAGES) + f" {'other ms':>9}")
+    for name, r in servers.items():
+        stage_ms = r.get("stage_ms", {})
+        other = r["mean_ms"] - sum(stage_ms.values())  # HTTP and what no stage covers
+        print(
+            f"{name:16} "
+            + " ".join(f"{stage_ms.get(stage, float('nan')):>11.1f}" for stage in STAGES)
+            + f" {other:>9.1f}"
         )
     if len(servers) > 1:
         names = list(servers)

@@ -327,12 +327,15 @@ async def speak(
 ) -> Response:
     state = request.app.state
     synth = require_ready(state.engine)
-    utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
+    stages = state.queue.metrics.stage_seconds
+    with stages.labels("prepare").time():
+        utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
     future = submit(state.queue, utterance.rows, sampling)
     rendered = await wait_for(future, request, state.config.request_timeout_s)
-    speech = synth.finish(utterance, rendered, sampling)
-    container, media_type = AUDIO_FORMATS[fmt]
-    body = await run_in_threadpool(audio_bytes, speech.wave, speech.sample_rate, container)
+    with stages.labels("encode").time():
+        speech = synth.finish(utterance, rendered, sampling)
+        container, media_type = AUDIO_FORMATS[fmt]
+        body = await run_in_threadpool(audio_bytes, speech.wave, speech.sample_rate, container)
     seconds = len(speech.wave) / speech.sample_rate
     return Response(
         body,
@@ -368,7 +371,8 @@ async def speak_stream(
         raise ApiError(422, f"invalid request: response_format {fmt!r} cannot stream; stream pcm or wav")
     state = request.app.state
     synth = require_ready(state.engine)
-    utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
+    with state.queue.metrics.stage_seconds.labels("prepare").time():
+        utterance = await run_in_threadpool(synth.prepare, text, ref_audio, ref_text, sampling)
     futures = [submit(state.queue, utterance.rows[:1], sampling)]
     if len(utterance.rows) > 1:
         try:

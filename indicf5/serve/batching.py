@@ -49,6 +49,7 @@ class Job:
     sampling: SamplingConfig
     after: Future | None = None  # taken only once this future's job has started
     future: Future = field(default_factory=Future)  # -> list[Rendered], one per row
+    submitted: float = field(default_factory=time.perf_counter)
 
     @property
     def frames(self) -> int:
@@ -166,6 +167,8 @@ class InferenceQueue:
                     self._jobs.remove(job)
                 self._depth_changed()
                 running = [job for job in batch if job.future.set_running_or_notify_cancel()]
+                for job in running:
+                    self.metrics.stage_seconds.labels("queue").observe(time.perf_counter() - job.submitted)
                 self._cond.notify_all()  # jobs that follow these are ready now
                 if running:
                     return running
@@ -191,6 +194,14 @@ class Sampled:
     mels: list[list[torch.Tensor]]  # per job, per row
     done: torch.cuda.Event | None  # recorded after the batch's loop on the sampler's stream
     start: float
+    began: torch.cuda.Event | None = None  # recorded before it (timing: the loop's device time)
+    host_seconds: float = 0.0  # sample()'s own time: the loop's, where it ran on the CPU
+
+    def engine_seconds(self) -> float:
+        """The batch's loop on its device (its events complete: call after its mels were read)."""
+        if self.began is None or self.done is None:
+            return self.host_seconds
+        return self.began.elapsed_time(self.done) / 1e3
 
 
 class InferenceWorker(threading.Thread):
@@ -225,13 +236,16 @@ class InferenceWorker(threading.Thread):
         """The jobs' loops queued on the device as one batch; a failing batch of several jobs is
         split, and only a job that fails alone fails."""
         start = time.perf_counter()
+        began = torch.cuda.Event(enable_timing=True) if self.cuda else None
+        if began is not None:
+            began.record()
         try:
             mels = self._sample_rows(jobs)
         except Exception:
             if len(jobs) == 1:
                 log.exception("inference failed for a job of %d rows", len(jobs[0].rows))
                 jobs[0].future.set_exception(InferenceFailed())
-                return Sampled([], [], None, start)
+                return Sampled([], [], None, start, began)
             log.warning("a batch of %d jobs failed; sampling each alone", len(jobs), exc_info=True)
             kept, mels = [], []
             for job in jobs:
@@ -242,10 +256,10 @@ class InferenceWorker(threading.Thread):
                     log.exception("inference failed for a job of %d rows", len(job.rows))
                     job.future.set_exception(InferenceFailed())
             jobs = kept
-        done = torch.cuda.Event() if self.cuda and jobs else None
+        done = torch.cuda.Event(enable_timing=True) if self.cuda and jobs else None
         if done is not None:
             done.record()
-        return Sampled(jobs, mels, done, start)
+        return Sampled(jobs, mels, done, start, began, time.perf_counter() - start)
 
     def _sample_rows(self, jobs: list[Job]) -> list[list[torch.Tensor]]:
         rows = [row for job in jobs for row in job.rows]
@@ -259,6 +273,7 @@ class InferenceWorker(threading.Thread):
 
     def _vocode_loop(self) -> None:
         stream = torch.cuda.Stream(self.synthesizer.device) if self.cuda else None
+        stages = self.queue.metrics.stage_seconds
         while (sampled := self._sampled.get()) is not None:
             if not sampled.jobs:
                 continue
@@ -270,10 +285,18 @@ class InferenceWorker(threading.Thread):
                         if stream is not None:
                             for mel in mels:
                                 mel.record_stream(stream)  # made on the sampler's stream, freed after this one reads it
-                        job.future.set_result(self.synthesizer.vocode(mels))
+                        start = time.perf_counter()
+                        rendered = self.synthesizer.vocode(mels)
+                        stages.labels("vocoder").observe(time.perf_counter() - start)
+                        job.future.set_result(rendered)
                     except Exception:
                         log.exception("the vocoder failed for a job of %d rows", len(mels))
                         job.future.set_exception(InferenceFailed())
+            if sampled.done is not None:
+                sampled.done.synchronize()  # done already, unless every job's vocoder failed
+            engine = sampled.engine_seconds()
+            for _ in sampled.jobs:
+                stages.labels("engine").observe(engine)
             seconds = time.perf_counter() - sampled.start
             self.queue.observe_batch(seconds)
             self.queue.metrics.batch_seconds.observe(seconds)

@@ -46,6 +46,14 @@ class Metrics:
             "Device memory held by the captured graphs and their buffers",
             registry=r,
         )
+        self.stage_seconds = Histogram(
+            "indicf5_stage_seconds",
+            "Seconds a request spends in each stage: prepare (text, reference), queue, engine (its "
+            "batch's loop on the device), vocoder, encode",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.cancelled = Counter(
             "indicf5_requests_cancelled_total",
             "Queued requests dropped before inference (client gone or timed out)",

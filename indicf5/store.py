@@ -46,7 +46,7 @@ def _temp_prefix(path: Path) -> str:
 
 
 # .tmp-<name>-<pid>@<host>-<random>: the temporary directories and files, and publish_dir's .old-* swap
-_WRITTEN_BY = re.compile(r"^\.(?:tmp|old)-.*-(?P<pid>\d+)@(?P<host>[^@]+)-[a-z0-9_]+$")
+_WRITTEN_BY = re.compile(r"^\.(?:tmp|old)-.*-(?P<writer>\d+@[^@]+)-[a-z0-9_]+$")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -117,7 +117,7 @@ def sweep_stale(root: Path) -> list[Path]:
     root, removed = Path(root), []
     for entry in [*root.glob(".tmp-*"), *root.glob("*/.tmp-*"), *root.glob(".old-*"), *root.glob("*/.old-*")]:
         written_by = _WRITTEN_BY.match(entry.name)
-        if written_by is None or not writer_gone(f"{written_by['pid']}@{written_by['host']}"):
+        if written_by is None or not writer_gone(written_by["writer"]):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

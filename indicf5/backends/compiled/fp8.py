@@ -24,7 +24,7 @@ from torch import nn
 from indicf5.backends.compiled.kernels import quantize
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
+FP8_MAX = torch.finfo(FP8).max  # 448
 FP8_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
 FP8_FILE = "fp8.safetensors"
 

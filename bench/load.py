@@ -47,6 +47,7 @@ LONG_TEXT = " ".join(SENTENCES * 8)  # 4+ chunks with the 3 s reference
 
 
 def metric(url: str, name: str) -> float:
+    """A Prometheus sample of the server by its full name, labels included (`x_sum{stage="queue"}`)."""
     text = httpx.get(f"{url}/metrics").text
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M))
 
@@ -56,10 +57,7 @@ STAGES = ("prepare", "queue", "engine", "vocoder", "encode")
 
 def stage_totals(url: str) -> dict[str, tuple[float, float]]:
     """(seconds, observations) so far of each server stage (indicf5_stage_seconds)."""
-    text = httpx.get(f"{url}/metrics").text
-    total = lambda stage, part: sum(
-        float(v) for v in re.findall(rf'^indicf5_stage_seconds_{part}{{stage="{stage}"}} (\S+)$', text, re.M)
-    )
+    total = lambda stage, part: metric(url, f'indicf5_stage_seconds_{part}{{stage="{stage}"}}')
     return {stage: (total(stage, "sum"), total(stage, "count")) for stage in STAGES}
 
 

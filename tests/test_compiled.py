@@ -191,12 +191,15 @@ def test_auto_flags_resolve_per_device_and_dtype():
     assert CompiledBackend().default_flags() == flags.model_dump(mode="json", exclude={"device"})
     cpu = flags.resolve(torch.device("cpu"), torch.bfloat16, 64)
     assert cpu.precision == "mixed" and not (cpu.triton_conv or cpu.by_lengths or cpu.rope_kernel or cpu.cuda_graphs)
-    assert cpu.branch_streams_from is None
+    assert cpu.branch_streams is None
     assert flags.resolve(torch.device("cpu"), torch.float16, 64).precision == "pure"
     gpu = flags.resolve(torch.device("cuda"), torch.float16, 64)
-    assert (
-        gpu.triton_conv and gpu.by_lengths and gpu.rope_kernel and gpu.cuda_graphs and gpu.branch_streams_from == 2048
+    assert gpu.triton_conv and gpu.by_lengths and gpu.rope_kernel and gpu.cuda_graphs
+    assert [gpu.two_streams(frames) for frames in (2047, 2048, 8192, 8193)] == [False, True, True, False]
+    streams, batched = (
+        EngineFlags(branches=b).resolve(torch.device("cuda"), torch.float16, 64) for b in ("streams", "batched")
     )
+    assert streams.two_streams(256) and streams.two_streams(32 * 4096) and not batched.two_streams(4096)
     assert not flags.resolve(torch.device("cuda"), torch.float16, 4).triton_conv  # the groups do not fit its tiles
     assert not flags.resolve(torch.device("cuda"), torch.float32, 64).by_lengths
 

@@ -33,10 +33,10 @@ what Inductor fuses:
   otherwise SDPA with the key mask;
 - the position convolutions: on CUDA with fp16/bf16 weights, one fused Triton kernel each
   (kernels/conv.py); otherwise cuDNN on channels-last data;
-- the guidance branches: on CUDA from 2048 frames a branch (rows x bucket), the conditioned and
-  the unconditioned rows run on two streams inside the captured step, so each one's launch gaps
-  and memory-bound passes overlap the other's kernels; below that, half-size kernels lose more
-  than the overlap wins.
+- the guidance branches: on CUDA from 2048 to 8192 frames a branch (rows x bucket), the
+  conditioned and the unconditioned rows run on two streams inside the captured step, so each
+  one's launch gaps and memory-bound passes overlap the other's kernels; below that, half-size
+  kernels lose more than the overlap wins, and above it one batch of both fills the GPU better.
 EngineFlags lists each choice and its ``auto`` rule; docs/performance.md has the measurements.
 
 Serving shapes: a batch of b utterances runs as the next batch size B >= b (flag
@@ -57,6 +57,7 @@ from __future__ import annotations
 import bisect
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 MAX_TOKENS = 32 * 1024  # utterances x bucket frames of the largest batch: bounds the graphs' buffers and pool
 SCHEDULE_ROWS = 64  # steps of the time grid the captured step can read before the host refills them
 COMPILE_CACHE = "compile_cache.bin"
-BRANCH_STREAMS_FROM = 2048  # frames a guidance branch: see EngineFlags.branches
+BRANCH_STREAMS = (2048, 8192)  # frames a guidance branch that run on two streams: see EngineFlags.branches
 
 
 class EngineFlags(BaseModel):
@@ -116,7 +117,7 @@ class EngineFlags(BaseModel):
     conv: Literal["auto", "triton", "cudnn"] = "auto"  # auto: triton on CUDA with fp16/bf16 weights, if the groups fit
     attention: Literal["auto", "padded", "masked"] = "auto"  # auto: padded on CUDA with fp16/bf16 weights
     rope: Literal["auto", "kernel", "copy"] = "auto"  # auto: kernel on CUDA
-    branches: Literal["auto", "streams", "batched"] = "auto"  # auto: streams on CUDA from BRANCH_STREAMS_FROM frames
+    branches: Literal["auto", "streams", "batched"] = "auto"  # auto: streams on CUDA for BRANCH_STREAMS frames
     device: str | None = None  # where the engine was built (its compiled kernels are that device's)
 
     @model_validator(mode="after")
@@ -178,11 +179,11 @@ class EngineFlags(BaseModel):
             triton_conv=self.conv == "triton" or (self.conv == "auto" and on_gpu and low and fits_triton),
             by_lengths=self.attention == "padded" or (self.attention == "auto" and on_gpu and low),
             rope_kernel=self.rope == "kernel" or (self.rope == "auto" and on_gpu),
-            branch_streams_from=None
+            branch_streams=None
             if not on_gpu or self.branches == "batched"
-            else 0
+            else (0, sys.maxsize)
             if self.branches == "streams"
-            else BRANCH_STREAMS_FROM,
+            else BRANCH_STREAMS,
             cuda_graphs=self.cuda_graphs and on_gpu,
         )
 
@@ -195,8 +196,12 @@ class Resolved:
     triton_conv: bool
     by_lengths: bool
     rope_kernel: bool
-    branch_streams_from: int | None  # frames a guidance branch from which it runs on its own stream; None: never
+    branch_streams: tuple[int, int] | None  # frames a guidance branch (from, to) that run on two streams; None: never
     cuda_graphs: bool
+
+    def two_streams(self, frames: int) -> bool:
+        """Whether guidance branches of `frames` frames each (rows x bucket) run on two CUDA streams."""
+        return self.branch_streams is not None and self.branch_streams[0] <= frames <= self.branch_streams[1]
 
 
 @dataclass
@@ -243,7 +248,7 @@ class CompiledEngine(nn.Module):
         if choice.precision == "mixed":
             dit.float()  # the low-precision copies below are made from it exactly (its values are `dtype`'s)
         self.dit = dit
-        self.branch_stream = torch.cuda.Stream(device) if choice.branch_streams_from is not None else None
+        self.branch_stream = torch.cuda.Stream(device) if choice.branch_streams is not None else None
         if choice.precision == "fp8":
             fp8_weights = fp8_weights if fp8_weights is not None else fp8.quantize_blocks(dit.transformer_blocks)
         for i, block in enumerate(dit.transformer_blocks):
@@ -306,7 +311,7 @@ class CompiledEngine(nn.Module):
         """The guided velocity (b, N, mel) fp32 of x (b, N, mel); cond, text_emb and padding hold
         2b rows with guidance (the unconditioned rows follow)."""
         b = x.shape[0]
-        if guided and self._on_streams(b * x.shape[1]):
+        if guided and self.choice.two_streams(b * x.shape[1]):
             rows = (slice(0, b), slice(b, None))
             conditioned, unconditioned = self._on_two_streams(
                 x, [(cond[r], text_emb[r], Padding(padding.mask[r], padding.lengths[r])) for r in rows], condition
@@ -314,10 +319,6 @@ class CompiledEngine(nn.Module):
             return conditioned + (conditioned - unconditioned) * cfg
         out = self._flow(torch.cat((x, x)) if guided else x, cond, text_emb, condition, padding).float()
         return out[:b] + (out[:b] - out[b:]) * cfg if guided else out
-
-    def _on_streams(self, frames: int) -> bool:
-        """Whether guidance branches of `frames` frames each (rows x bucket) run on two CUDA streams."""
-        return self.branch_stream is not None and frames >= self.choice.branch_streams_from
 
     def _on_two_streams(self, x, branches, condition) -> tuple[torch.Tensor, torch.Tensor]:
         """The step of each guidance branch, the second on the branch stream: fork, run, join."""

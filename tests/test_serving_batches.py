@@ -24,7 +24,8 @@ from indicf5.config import SamplingConfig
 from indicf5.serve.batching import InferenceFailed, InferenceQueue, InferenceWorker
 from indicf5.serve.metrics import Metrics
 from indicf5.serve.process import ServerProcess
-from indicf5.synth import Rendered, Row
+from indicf5.audio import Reference
+from indicf5.synth import Rendered, Row, Synthesizer
 
 TEXTS = ["नमस्ते दुनिया", "यह एक परीक्षण है", "आज मौसम अच्छा है", "मुझे हिंदी पसंद है", "नमस्ते"]
 LONG = "नमस्ते दुनिया, यह एक लंबा वाक्य है जो कई टुकड़ों में बंटेगा। " * 12  # 3+ chunks with the synthetic reference
@@ -228,3 +229,20 @@ def test_a_batch_takes_the_rows_that_pay_for_its_batch_size():
         queue.batch_cost = lambda rows, frames, unknown=unknown: unknown if rows > 4 else costs[padded(rows)]
         jobs = [queue.submit([row(i)], SamplingConfig()) for i in range(10)]
         assert [j.future for j in queue.take()] == jobs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_reference_prepared_while_a_batch_fills_the_gpu_does_not_wait_for_it():
+    """The server prepares requests (the reference's mel, on the GPU) while a batch's loop runs on
+    the default stream: the mel runs ahead of that loop, and is the same mel."""
+    synth = Synthesizer(model=None, vocoder=None, vocab=None, device="cuda")
+    ref = Reference(
+        wave=0.1 * torch.randn(1, 3 * 24_000, generator=torch.Generator().manual_seed(0)), source_rms=0.1, seconds=3.0
+    )
+    idle = synth.reference_mel(ref)
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of a busy default stream, as a batch's loop
+    busy = synth.reference_mel(ref)
+    loop_still_running = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert loop_still_running, "the reference's mel waited for the default stream's work"
+    assert torch.equal(busy, idle)

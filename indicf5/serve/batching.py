@@ -32,7 +32,7 @@ import torch
 
 from indicf5.config import SamplingConfig
 from indicf5.serve.metrics import Metrics
-from indicf5.synth import Row, Synthesizer
+from indicf5.synth import Row, Synthesizer, urgent_stream
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class InferenceWorker(threading.Thread):
         return out
 
     def _vocode_loop(self) -> None:
-        stream = torch.cuda.Stream(self.synthesizer.device) if self.cuda else None
+        stream = urgent_stream(self.synthesizer.device)  # ahead of the next batch's loop on the GPU
         stages = self.queue.metrics.stage_seconds
         while (sampled := self._sampled.get()) is not None:
             if not sampled.jobs:

@@ -167,6 +167,29 @@ def test_padded_attention_refuses_a_layout_it_cannot_tile():
         attend(q, q, q, torch.full((2,), 4, dtype=torch.int32))
 
 
+def test_padded_attention_off_cuda_gives_a_row_the_same_bits_in_any_bucket_and_batch():
+    """Off CUDA the op attends each row alone, so a row's output does not depend, to the bit, on
+    how far it is padded or on its batch-mates: a server's batch equals its rows rendered alone.
+    (SDPA with a key mask over the padding rounds differently at 256 and 512 keys on a CPU.)"""
+    from indicf5.backends.compiled.kernels.attention import padded_attention
+    from indicf5.model import sdpa_attend
+
+    torch.manual_seed(0)
+    h, dh, n = 4, 16, 242
+    row = torch.randn(1, n, 3, h, dh)
+
+    def attend(size: int, lengths: list[int]) -> torch.Tensor:  # the row first, batch-mates after
+        qkv = torch.randn(len(lengths), size, 3, h, dh)  # a projection's layout; padding is noise
+        qkv[:1, :n] = row
+        q, k, v = qkv.unbind(2)
+        return padded_attention(q, k, v, torch.tensor(lengths, dtype=torch.int32))
+
+    alone = attend(256, [n])
+    assert torch.equal(attend(512, [n, 500, 300])[:1, :n], alone[:, :n])
+    assert torch.equal(attend(2560, [n, 2000])[:1, :n], alone[:, :n])
+    assert rel_l2(alone[:, :n], sdpa_attend(*row.unbind(2))) <= 1e-6
+
+
 def test_engine_flags_that_cannot_run_here_say_so(checkpoint):
     for flags, match in (
         ({"conv": "triton"}, "conv 'triton' needs a CUDA device"),
@@ -190,7 +213,8 @@ def test_auto_flags_resolve_per_device_and_dtype():
     flags = EngineFlags()
     assert CompiledBackend().default_flags() == flags.model_dump(mode="json", exclude={"device"})
     cpu = flags.resolve(torch.device("cpu"), torch.bfloat16, 64)
-    assert cpu.precision == "mixed" and not (cpu.triton_conv or cpu.by_lengths or cpu.rope_kernel or cpu.cuda_graphs)
+    assert cpu.precision == "mixed" and not (cpu.triton_conv or cpu.rope_kernel or cpu.cuda_graphs)
+    assert cpu.by_lengths  # the op attends each row alone off CUDA
     assert cpu.branch_streams is None
     assert flags.resolve(torch.device("cpu"), torch.float16, 64).precision == "pure"
     gpu = flags.resolve(torch.device("cuda"), torch.float16, 64)

@@ -115,7 +115,7 @@ class EngineFlags(BaseModel):
     cuda_graphs: bool = True
     precision: Literal["auto", "pure", "mixed", "fp8"] = "auto"  # auto: mixed for bf16, else pure
     conv: Literal["auto", "triton", "cudnn"] = "auto"  # auto: triton on CUDA with fp16/bf16 weights, if the groups fit
-    attention: Literal["auto", "padded", "masked"] = "auto"  # auto: padded on CUDA with fp16/bf16 weights
+    attention: Literal["auto", "padded", "masked"] = "auto"  # auto: padded, but masked for fp32 on CUDA
     rope: Literal["auto", "kernel", "copy"] = "auto"  # auto: kernel on CUDA
     branches: Literal["auto", "streams", "batched"] = "auto"  # auto: streams on CUDA for BRANCH_STREAMS frames
     device: str | None = None  # where the engine was built (its compiled kernels are that device's)
@@ -177,7 +177,7 @@ class EngineFlags(BaseModel):
         return Resolved(
             precision=precision,
             triton_conv=self.conv == "triton" or (self.conv == "auto" and on_gpu and low and fits_triton),
-            by_lengths=self.attention == "padded" or (self.attention == "auto" and on_gpu and low),
+            by_lengths=self.attention == "padded" or (self.attention == "auto" and (low or not on_gpu)),
             rope_kernel=self.rope == "kernel" or (self.rope == "auto" and on_gpu),
             branch_streams=None
             if not on_gpu or self.branches == "batched"

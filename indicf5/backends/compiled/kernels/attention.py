@@ -18,8 +18,10 @@ zeros, and the mask drops those keys. TMA tiles are faster than pointer loads he
 cuDNN's padding-mask kernel this one puts no memset node before it in the CUDA graph, where the
 GPU would sit idle around it (measurements and the alternatives tried: docs/performance.md,
 "Design decisions"). Queries past a row's length attend like the real ones; the caller masks
-those rows (as for the reference, their output is never used). Off CUDA the op is SDPA with the
-key mask, the reference's computation; CI runs the kernel in Triton's interpreter.
+those rows (as for the reference, their output is never used). Off CUDA the op runs SDPA on
+each row's real tokens alone (`attend_each_row`): the reference's computation, whose result for a
+row does not depend, to the bit, on its bucket or its batch-mates; CI runs the kernel in Triton's
+interpreter.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from indicf5.model import sdpa_attend
-from indicf5.sampler import lengths_to_mask
 
 # the fastest of the tiles timed by kernel_bench.py at 1024 and 2048 frames, fp16 and bf16 (docs/performance.md)
 BLOCK_QUERIES, BLOCK_KEYS, WARPS, STAGES = 128, 64, 4, 3
@@ -170,8 +171,20 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     lengths (b,) int32 real frames per row -> (b, n, h, dh) contiguous: each row's first
     `length` queries attend to its first `length` keys."""
     if not q.is_cuda:
-        return sdpa_attend(q, k, v, lengths_to_mask(lengths, q.shape[1])).contiguous()
+        return attend_each_row(q, k, v, lengths)
     return attend(q, k, v, lengths)
+
+
+def attend_each_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`padded_attention` as SDPA over each row's first `length` tokens, copied out alone, so every
+    call for a row sees the same shapes and memory layout whatever the bucket and batch: a CPU's
+    SDPA splits the keys in blocks by their number, and a key mask over a longer padding changes
+    the rounding. Queries past a length get zeros."""
+    out = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
+    for row, n in enumerate(lengths.tolist()):
+        real = [t[row : row + 1, :n].contiguous() for t in (q, k, v)]
+        out[row : row + 1, :n] = sdpa_attend(*real)
+    return out
 
 
 @padded_attention.register_fake

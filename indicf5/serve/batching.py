@@ -25,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -277,9 +276,9 @@ class InferenceWorker(threading.Thread):
         while (sampled := self._sampled.get()) is not None:
             if not sampled.jobs:
                 continue
-            with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else nullcontext():
-                if stream is not None:
-                    stream.wait_event(sampled.done)
+            if sampled.done is not None:
+                sampled.done.synchronize()  # the batch's loop is over: the vocoder stage times the vocoder alone
+            with torch.inference_mode(), torch.cuda.stream(stream):
                 for job, mels in zip(sampled.jobs, sampled.mels):
                     try:
                         if stream is not None:
@@ -292,8 +291,6 @@ class InferenceWorker(threading.Thread):
                     except Exception:
                         log.exception("the vocoder failed for a job of %d rows", len(mels))
                         job.future.set_exception(InferenceFailed())
-            if sampled.done is not None:
-                sampled.done.synchronize()  # done already, unless every job's vocoder failed
             engine = sampled.engine_seconds()
             for _ in sampled.jobs:
                 stages.labels("engine").observe(engine)

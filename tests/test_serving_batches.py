@@ -246,3 +246,31 @@ def test_a_reference_prepared_while_a_batch_fills_the_gpu_does_not_wait_for_it()
     torch.cuda.synchronize()
     assert loop_still_running, "the reference's mel waited for the default stream's work"
     assert torch.equal(busy, idle)
+
+
+class SlowCudaSynth(RecordingSynth):
+    """Each batch's mels are written on the GPU after ~0.5 s of a busy stream, as a batch's loop
+    leaves them; its vocoder reads them on the worker's vocoder stream."""
+
+    device = "cuda"
+
+    def sample_rows(self, rows: list[Row], sampling: SamplingConfig, on_step=None) -> list[torch.Tensor]:
+        self.sampled.append([r.seed for r in rows])
+        torch.cuda._sleep(1_000_000_000)
+        return [torch.full((1, 4, 3), float(r.seed), device="cuda") for r in rows]
+
+    def vocode(self, mels: list[torch.Tensor]) -> list[Rendered]:
+        return [Rendered(mel.flatten().cpu().numpy(), mel[0].cpu().numpy()) for mel in mels]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_vocoder_thread_reads_a_batch_s_mels_only_once_its_loop_is_done():
+    """On CUDA the sampler hands a batch to the vocoder thread as soon as its loop is queued; the
+    vocoder, on a stream of its own, must read the mels the loop finished, batch after batch."""
+    queue = InferenceQueue(Metrics(), max_batch_rows=2, max_wait_s=0)
+    jobs = [queue.submit([row(seed), row(seed + 1)], SamplingConfig()) for seed in (10, 20, 30)]
+    worker = InferenceWorker(queue, SlowCudaSynth())
+    worker.start()
+    assert [[float(r.wave[0]) for r in job.result(30)] for job in jobs] == [[10, 11], [20, 21], [30, 31]]
+    queue.close()
+    worker.join(10)

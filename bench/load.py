@@ -14,8 +14,10 @@ Each request is POST /v1/audio/speech of one of a few sentences in one voice. A 
 the batch sizes the run will see. Prints requests/s, seconds of audio per second, latency
 p50/p90/p99/max, errors by status, the server's mean rows per engine batch and the shapes it
 captured after it turned ready (none, when its load captured them all), and the mean ms a request
-spends in each server stage (prepare, queue, engine: its batch's loop on the device, vocoder,
-encode; "other" is the mean latency left: HTTP and the threads' hand-offs). `--engine-rate` also
+spends in each server stage (prepare, queue, engine: its batch's loop on the device,
+vocoder_wait: behind its batch-mates' vocoding, vocoder, encode), then what the server's own
+latency leaves outside them ("unstaged": the threads' hand-offs) and what the client's latency
+adds to the server's ("http"). `--engine-rate` also
 renders the same requests' rows in this process, in batches of each max batch, for the engine's
 own audio seconds per second (what the server should deliver); on a GPU the matmul floor is the
 workload's matmul FLOPs at the measured bf16 rate. `--ttfb` times a long text (4+ chunks): the
@@ -52,7 +54,8 @@ def metric(url: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M))
 
 
-STAGES = ("prepare", "queue", "engine", "vocoder", "encode")
+STAGES = ("prepare", "queue", "engine", "vocoder_wait", "vocoder", "encode")
+SPEECH = 'indicf5_request_seconds_{}{{endpoint="/v1/audio/speech",status="200"}}'  # the server's own latency
 
 
 def stage_totals(url: str) -> dict[str, tuple[float, float]]:
@@ -79,6 +82,7 @@ def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds:
             list(pool.map(one, range(concurrency)))  # warm-up
             batches0, rows0 = metric(url, "indicf5_batch_rows_count"), metric(url, "indicf5_batch_rows_sum")
             stages0 = stage_totals(url)
+            served0 = metric(url, SPEECH.format("sum")), metric(url, SPEECH.format("count"))
             start = time.perf_counter()
             results = [r for r in pool.map(one, range(requests)) if r is not None]
             wall = time.perf_counter() - start
@@ -94,6 +98,8 @@ def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds:
         for stage, (seconds, count) in stage_totals(url).items()
         if count > stages0[stage][1]
     }  # mean ms a request (a job: a request of one chunk) spends in each stage
+    served = metric(url, SPEECH.format("count")) - served0[1]
+    server_ms = (metric(url, SPEECH.format("sum")) - served0[0]) / served * 1e3 if served else float("nan")
     pct = lambda q: float(np.percentile(latencies, q)) if len(latencies) else float("nan")
     return {
         "requests": len(results),
@@ -112,6 +118,7 @@ def run_load(url: str, voice: str, requests: int, concurrency: int, max_seconds:
         "compiles_after_ready": metric(url, "indicf5_engine_compiles_after_ready"),
         "graph_memory_mib": metric(url, "indicf5_engine_graph_memory_bytes") / 2**20,
         "stage_ms": stages,
+        "server_ms": server_ms,  # mean latency in the server, request received to response sent
     }
 
 
@@ -300,14 +307,15 @@ def main() -> None:
             f"{own or float('nan'):>10.2f} {r['audio_s_per_s'] / own if own else float('nan'):>13.2f} "
             f"{r['audio_s_per_s'] / floor if floor else float('nan'):>8.2f}  {r['errors'] or '-'}"
         )
-    print(f"\n{'server':16} " + " ".join(f"{stage + ' ms':>11}" for stage in STAGES) + f" {'other ms':>9}")
+    heads = [f"{stage + ' ms':>15}" for stage in STAGES] + [f"{'unstaged ms':>11}", f"{'http ms':>8}"]
+    print(f"\n{'server':16} " + " ".join(heads))
     for name, r in servers.items():
-        stage_ms = r.get("stage_ms", {})
-        other = r["mean_ms"] - sum(stage_ms.values())  # HTTP and what no stage covers
+        stage_ms, server_ms = r.get("stage_ms", {}), r.get("server_ms", float("nan"))
+        unstaged = server_ms - sum(stage_ms.values())  # in the server, in no stage: the threads' hand-offs
         print(
             f"{name:16} "
-            + " ".join(f"{stage_ms.get(stage, float('nan')):>11.1f}" for stage in STAGES)
-            + f" {other:>9.1f}"
+            + " ".join(f"{stage_ms.get(stage, float('nan')):>15.1f}" for stage in STAGES)
+            + f" {unstaged:>11.1f} {r['mean_ms'] - server_ms:>8.1f}"
         )
     if len(servers) > 1:
         names = list(servers)

@@ -278,6 +278,7 @@ class InferenceWorker(threading.Thread):
                 continue
             if sampled.done is not None:
                 sampled.done.synchronize()  # the batch's loop is over: the vocoder stage times the vocoder alone
+            ready = time.perf_counter()
             with torch.inference_mode(), torch.cuda.stream(stream):
                 for job, mels in zip(sampled.jobs, sampled.mels):
                     try:
@@ -285,6 +286,7 @@ class InferenceWorker(threading.Thread):
                             for mel in mels:
                                 mel.record_stream(stream)  # made on the sampler's stream, freed after this one reads it
                         start = time.perf_counter()
+                        stages.labels("vocoder_wait").observe(start - ready)  # behind its batch-mates' vocoding
                         rendered = self.synthesizer.vocode(mels)
                         stages.labels("vocoder").observe(time.perf_counter() - start)
                         job.future.set_result(rendered)

@@ -49,7 +49,7 @@ class Metrics:
         self.stage_seconds = Histogram(
             "indicf5_stage_seconds",
             "Seconds a request spends in each stage: prepare (text, reference), queue, engine (its "
-            "batch's loop on the device), vocoder, encode",
+            "batch's loop on the device), vocoder_wait (behind its batch-mates' vocoding), vocoder, encode",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

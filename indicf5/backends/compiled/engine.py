@@ -30,7 +30,8 @@ what Inductor fuses:
   buffer (kernels/rope.py) instead of copying all of q and k;
 - attention: on CUDA with fp16/bf16 weights, a Triton flash-attention kernel that reads each row's
   length on the device, and q, k and v by TMA where the projection left them (kernels/attention.py);
-  otherwise SDPA with the key mask;
+  off CUDA the same op runs SDPA on each row's real tokens alone (bit-exact in any bucket and
+  batch); fp32 on CUDA, SDPA with the key mask;
 - the position convolutions: on CUDA with fp16/bf16 weights, one fused Triton kernel each
   (kernels/conv.py); otherwise cuDNN on channels-last data;
 - the guidance branches: on CUDA from 2048 to 8192 frames a branch (rows x bucket), the

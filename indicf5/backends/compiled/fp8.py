@@ -97,8 +97,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", bias.detach().to(torch.bfloat16))
         self.out_dtype, self.gelu_in = out_dtype, gelu_in
         self.emulate = unsupported(weight_q.device) is not None
-        k = weight_q.shape[1]
-        self.fused_gelu = gelu_in and not self.emulate and k & (k - 1) == 0 and k <= quantize.ROW_ELEMENTS
+        self.fused_gelu = gelu_in and not self.emulate and quantize.holds_rows_of(weight_q.shape[1])
 
     @classmethod
     def of(cls, weight: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype, gelu_in: bool = False) -> Fp8Linear:

@@ -34,12 +34,17 @@ def _gelu_quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, rows, K: tl.constexpr, B
     tl.store(scale_ptr + m, scale, mask=m < rows)
 
 
+def holds_rows_of(k: int) -> bool:
+    """Whether a program can hold rows of k elements: a power of two up to ROW_ELEMENTS."""
+    return k & (k - 1) == 0 and 0 < k <= ROW_ELEMENTS
+
+
 @torch.library.custom_op("indicf5::gelu_quantize_rows", mutates_args=())
 def gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) fp16/bf16 contiguous, K a power of two -> (gelu_tanh(x) quantized to e4m3 (M, K),
     its scale (M, 1) fp32), a scale per row."""
     rows, k = x.shape
-    if k & (k - 1) or k > ROW_ELEMENTS:
+    if not holds_rows_of(k):
         raise ValueError(f"gelu_quantize_rows holds rows of a power of two up to {ROW_ELEMENTS} elements, not {k}")
     x = x.contiguous()
     q = torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn)

@@ -4,14 +4,18 @@ the fp32 reference.
 
 - The convolutional position embedding (two grouped convolutions, kernel 31, 16 groups, Mish,
   padding masked): cuDNN on channels-last data (with and without cudnn.benchmark), cuDNN on
-  (b, d, n) data with the transposes, the fused Triton kernel (conv_kernel.py) at several tiles.
+  (b, d, n) data with the transposes, the fused Triton kernel (kernels/conv.py) at several tiles.
 - Attention (16 heads of 64), per layer in a CUDA graph of 22: SDPA with the key-padding mask,
-  the engine's Triton kernel (padded_attention.py) on contiguous q/k/v and on views of the q|k|v
+  the engine's Triton kernel (kernels/attention.py) on contiguous q/k/v and on views of the q|k|v
   buffer, and on the views at 24 tiles, FA2 with per-row key lengths, the bias-channel trick, and
   SDPA (or cuDNN alone) without a mask (the ceiling, not exact).
-- Rotary positions on the first head: the compiled copy against the in-place kernel (rope_kernel.py).
+- Rotary positions on the first head: the compiled copy against the in-place kernel (kernels/rope.py).
+- The block's linear layers (q|k|v, output, the feed-forward's two) at a step's token count: the
+  fp16 GEMM against FP8 (fp8.py): the layer quantizing its own input, the GEMM alone on an input
+  quantized upstream, and the quantization alone; each compiled, per call in a graph of 22.
 
-    python bench/kernel_bench.py [--frames 1024 2048] [--dtype fp16 bf16] [--only attention rope]
+    python bench/kernel_bench.py [--frames 1024 2048] [--dtype fp16 bf16] [--only attention rope linears] \
+        [--tokens 2048 36864]
 """
 
 from __future__ import annotations
@@ -26,10 +30,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indicf5.backends import conv_kernel
-from indicf5.backends.compiled.kernels.rope import rotate_first_head_
+from indicf5.backends.compiled import fp8
+from indicf5.backends.compiled.kernels import conv as conv_kernel
 from indicf5.backends.compiled.kernels.attention import attend, padded_attention
-from indicf5.backends.compiled import ChannelsLastConvPositionEmbedding, Padding, TritonConvPositionEmbedding
+from indicf5.backends.compiled.kernels.rope import rotate_first_head_
+from indicf5.backends.compiled.modules import (
+    CastLinear,
+    ChannelsLastConvPositionEmbedding,
+    GeluLinear,
+    Padding,
+    TritonConvPositionEmbedding,
+)
 from indicf5.config import TORCH_DTYPES
 from indicf5.model import ConvPositionEmbedding, rope_angles, rope_inv_freq, rotate_first_head, sdpa_attend
 from indicf5.sampler import lengths_to_mask
@@ -205,12 +216,59 @@ def bench_conv(n: int, dtype_name: str, reference: ConvPositionEmbedding) -> Non
     torch.backends.cudnn.benchmark = False
 
 
+def bench_linears(tokens: int, dim: int = 1024, ff_mult: int = 2) -> None:
+    """The block's four linear layers at `tokens` rows: fp16 (GELU in the epilogue for the first
+    feed-forward layer) against FP8 rowwise-scaled GEMMs (bf16 out), per call in a graph of 22;
+    relL2 against the fp32 layer."""
+    hidden = dim * ff_mult
+    for name, k, n, gelu in (
+        ("qkv", dim, 3 * dim, False),
+        ("out", dim, dim, False),
+        ("ff1 (+gelu)", dim, hidden, True),
+        ("ff2 (gelu in)", hidden, dim, False),
+    ):
+        weight, bias = torch.randn(n, k, device="cuda") / k**0.5, torch.randn(n, device="cuda") / 10
+        x = torch.randn(tokens, k, device="cuda")
+        if name.startswith("ff2"):
+            x = F.gelu(x, approximate="tanh")  # what the second layer multiplies
+        want = F.linear(x, weight, bias)
+        want = F.gelu(want, approximate="tanh") if gelu else want
+        x16 = x.half()
+        fp16 = (GeluLinear if gelu else CastLinear)(weight, bias, torch.float16, upcast=False).cuda()
+        layer = fp8.Fp8Linear.of(weight, bias, torch.bfloat16)
+        quantize = torch.compile(fp8.quantize_rows, dynamic=False)
+        quantized = fp8.QuantizedRows(*quantize(x16))
+        variants = {
+            "fp16 GEMM": torch.compile(lambda: fp16(x16), dynamic=False),
+            "fp8, quantize + GEMM": torch.compile(lambda: layer(x16), dynamic=False),
+            "fp8, GEMM of a quantized input": torch.compile(lambda: layer(quantized), dynamic=False),
+            "fp8, quantize alone": lambda: quantize(x16),
+        }
+        for label, fn in variants.items():
+            got = fn()
+            ms = graph_ms(fn)
+            if isinstance(got, tuple):
+                rel = float((fp8.dequantize(*got) - x).norm() / x.norm())
+            else:
+                got = F.gelu(got.float(), approximate="tanh") if gelu and label.startswith("fp8") else got.float()
+                rel = float((got - want).norm() / want.norm())
+            flops = 2 * tokens * k * n
+            print(
+                f"{tokens:6} tokens  linear {name:14} {label:32} {ms * 1000:8.2f} us  {flops / ms / 1e9:6.1f} TFLOP/s"
+                f"  relL2 {rel:.2e}",
+                flush=True,
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--dtype", nargs="+", default=["fp16", "bf16"])
     ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--only", nargs="+", choices=["conv", "attention", "rope"], default=["conv", "attention", "rope"])
+    ap.add_argument(
+        "--only", nargs="+", choices=["conv", "attention", "rope", "linears"], default=["conv", "attention", "rope"]
+    )
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 36864], help="rows of the linear layers")
     args = ap.parse_args()
     torch.manual_seed(0)
     reference = ConvPositionEmbedding(args.dim).cuda().eval()
@@ -223,6 +281,9 @@ def main() -> None:
                     bench_attention(n, dtype_name)
                 if "rope" in args.only:
                     bench_rope(n, dtype_name)
+        if "linears" in args.only:
+            for tokens in args.tokens:
+                bench_linears(tokens, args.dim)
 
 
 if __name__ == "__main__":

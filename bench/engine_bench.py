@@ -242,8 +242,7 @@ def fp8_rounded_weights(dit: DiT) -> None:
     """The blocks' FP8 layers of an fp32 DiT with their weights rounded through e4m3 (per output channel)."""
     with torch.no_grad():
         for block in dit.transformer_blocks:
-            attn, ff = block.attn, block.ff.ff
-            for linear in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0], ff[0][0], ff[2]):
+            for linear in fp8.reference_layers(block).values():
                 linear.weight.copy_(fp8.dequantize(*fp8.quantize_rows(linear.weight)))
 
 
@@ -264,15 +263,7 @@ def fp8_layer_errors(reference: DiT, inputs, n: int, device: str, results: dict,
         return hook
 
     for i, block in enumerate(reference.transformer_blocks):
-        attn, ff = block.attn, block.ff.ff
-        for name, linear in (
-            ("q", attn.to_q),
-            ("k", attn.to_k),
-            ("v", attn.to_v),
-            ("out", attn.to_out[0]),
-            ("ff1", ff[0][0]),
-            ("ff2", ff[2]),
-        ):
+        for name, linear in fp8.reference_layers(block).items():
             hooks.append(linear.register_forward_hook(watch(f"{i}.{name}", linear.weight, linear.bias)))
     x = torch.randn(1, n, reference.config.mel_dim, device=device)
     full = torch.nn.functional.pad(cond, (0, 0, 0, n - cond.shape[1]))

@@ -533,3 +533,24 @@ def test_the_text_convolution_by_shifted_sums_computes_the_depthwise_conv():
     got = by_sums(half)
     assert got.dtype == torch.float16
     assert torch.allclose(got.float(), conv(half.float()), atol=2e-3, rtol=2e-3)
+
+
+def test_a_module_that_would_run_uncompiled_is_an_error_not_a_slow_engine(snapshot):
+    """Past Dynamo's recompile limit a compiled module silently runs eager; the engine refuses to."""
+    script = """if True:
+        import sys, torch
+        from indicf5.backends.compiled import CompiledEngine, EngineFlags
+        from indicf5.checkpoint import build_model, load_checkpoint
+        engine = CompiledEngine(build_model(load_checkpoint(sys.argv[1])), EngineFlags(buckets=(64,)))
+        engine.step(*engine.example_inputs(2, 64))
+        with torch._dynamo.config.patch(recompile_limit=1):
+            engine.step(*engine.example_inputs(2, 64))  # the same shape: its graph is there
+            print("same shape ran")
+            try:
+                engine.step(*engine.example_inputs(1, 64))  # one row: Dynamo specializes sizes of 1
+            except RuntimeError as e:
+                print("refused:", e)
+    """
+    out = run_python(script, str(snapshot))
+    assert "same shape ran" in out
+    assert "refused: a compiled module of the engine needed more than" in out and "recompile_limit (1)" in out

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from indicf5.backends.compiled import fp8
 from indicf5.backends.compiled import CompiledEngine, EngineFlags
 from indicf5.checkpoint import build_model
+from indicf5.model import DiTBlock
 
 
 def test_rows_quantize_within_e4m3_rounding():
@@ -51,7 +52,7 @@ def test_the_fp8_linear_is_the_float_linear_within_the_rounding_of_its_operands(
 def test_quantized_block_weights_survive_the_engine_file(checkpoint, tmp_path):
     dit = build_model(checkpoint)
     stored = fp8.quantize_blocks(dit.transformer_blocks)
-    assert len(stored) == 2 * 4 * len(dit.transformer_blocks)
+    assert len(stored) == 2 * 3 * len(dit.transformer_blocks)  # q|k|v, ff1, ff2: a weight and a scale each
     save_file(stored, str(tmp_path / fp8.FP8_FILE))
     loaded = load_file(str(tmp_path / fp8.FP8_FILE))
     assert all(torch.equal(loaded[k].float(), v.float()) and loaded[k].dtype == v.dtype for k, v in stored.items())
@@ -147,3 +148,46 @@ def test_the_fused_gelu_quantization_is_the_torch_one_on_the_gpu():
     unfused = fp8.Fp8Linear(layer.weight, layer.scale, layer.bias, torch.bfloat16)  # the same weights
     after_gelu = unfused(torch.nn.functional.gelu(x.float(), approximate="tanh"))
     assert rel_l2(layer(x).float(), after_gelu.float()) < 5e-3
+
+
+def test_fp8_blocks_hand_the_next_its_input_quantized_as_each_layer_would_quantize_it(checkpoint):
+    """The FP8 engine's modules, eager on the CPU (GEMMs emulated): every block but the last gives
+    the next one its q|k|v input as QuantizedRows, and the step is bit for bit the same as when
+    each FP8 layer quantizes its own input."""
+    from indicf5.backends.compiled.engine import Resolved, engine_modules
+    from indicf5.backends.compiled.modules import Padding
+
+    dit = build_model(checkpoint, "cpu", torch.bfloat16)
+    choice = Resolved(
+        "fp8", triton_conv=False, by_lengths=True, rope_kernel=False, branch_streams=None, cuda_graphs=False
+    )
+    engine_modules(dit, choice)
+    *quantizing, last = blocks = dit.transformer_blocks
+    assert all(isinstance(block, fp8.QuantizedNormOut) for block in quantizing) and isinstance(last, DiTBlock)
+    kinds = {
+        name: type(layer)
+        for name, layer in [("qkv", last.attn.qkv), ("out", last.attn.to_out), *last.ff.ff.named_children()]
+    }
+    assert kinds == {
+        "qkv": fp8.Fp8Linear,
+        "out": torch.nn.Linear,
+        "0": fp8.Fp8Linear,
+        "1": torch.nn.Identity,
+        "2": fp8.Fp8Linear,
+    }
+    received = []
+    for block in [*(block.block for block in quantizing), last]:
+        block.register_forward_pre_hook(lambda _, args: received.append(type(args[1])))
+
+    torch.manual_seed(5)
+    n, lengths = 96, torch.tensor([70, 96], dtype=torch.int32)
+    padding = Padding.of(lengths, n)
+    x, cond = torch.randn(2, n, 100, dtype=torch.bfloat16), torch.randn(2, n, 100, dtype=torch.bfloat16)
+    text_emb = dit.embed_text(torch.randint(0, 50, (2, 40)), n, padding.mask).to(torch.bfloat16)
+    condition = dit.condition(torch.tensor([0.3, 0.3], dtype=torch.bfloat16))
+    got = dit.flow(x, cond, text_emb, condition, padding)
+    assert received == [torch.Tensor] + [fp8.QuantizedRows] * (len(blocks) - 1)
+
+    dit.transformer_blocks = torch.nn.ModuleList([*(block.block for block in quantizing), last])  # unquantized outputs
+    want = dit.flow(x, cond, text_emb, condition, padding)
+    assert torch.isfinite(got).all() and torch.equal(got, want)

@@ -50,7 +50,9 @@ Precision (flag ``precision``): the ODE state (x, the Euler updates) is always f
 the whole step in the engine's dtype; ``mixed`` keeps the residual stream, norms and modulation in
 fp32 and runs the matmuls, attention and convolutions in the engine's dtype (bf16's 8-bit mantissa
 otherwise rounds the residual stream at every block); ``fp8`` runs the blocks' linear layers as
-FP8 GEMMs (fp8.py) and the rest as ``pure``. ``auto`` is mixed for bf16, pure otherwise.
+FP8 GEMMs (fp8.py) and the rest as ``pure``; there every block but the last hands the next its
+input quantized, so the last block compiles apart from the others. ``auto`` is mixed for bf16,
+pure otherwise.
 """
 
 from __future__ import annotations
@@ -205,6 +207,48 @@ class Resolved:
         return self.branch_streams is not None and self.branch_streams[0] <= frames <= self.branch_streams[1]
 
 
+def engine_modules(dit: DiT, choice: Resolved, fp8_weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The reference's modules replaced in place by those the engine runs, as `choice` has them
+    (see the module docstring); `fp8_weights` as fp8.quantize_blocks stores them, or quantized here."""
+    device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
+    dit.requires_grad_(False)  # an engine only infers: nothing may trace a backward through its kernels
+    if choice.precision == "mixed":
+        dit.float()  # the low-precision copies below are made from it exactly (its values are `dtype`'s)
+    if choice.precision == "fp8":
+        fp8_weights = fp8_weights if fp8_weights is not None else fp8.quantize_blocks(dit.transformer_blocks)
+    for i, block in enumerate(dit.transformer_blocks):
+        linears = fp8.block_linears(block)
+        if choice.precision == "fp8":
+            layer = lambda name, out_dtype=dtype, gelu_in=False: fp8.Fp8Linear(
+                fp8_weights[f"{i}.{name}.weight"].to(device),
+                fp8_weights[f"{i}.{name}.scale"].to(device),
+                linears[name][1],
+                out_dtype,
+                gelu_in,
+            )
+            qkv = layer("qkv")
+            # the GELU between the feed-forward's layers runs with ff2's input quantization;
+            # the pre-activation stays in the GEMM's bf16
+            ff1, ff2 = layer("ff1", out_dtype=torch.bfloat16), layer("ff2", gelu_in=True)
+        else:
+            qkv = CastLinear(*linears["qkv"], dtype, upcast=False)
+            ff1, ff2 = GeluLinear(*linears["ff1"], dtype), block.ff.ff[2]
+        to_out = block.attn.to_out[0]  # in the engine's dtype, FP8 or not (fp8.reference_layers)
+        block.attn = EngineAttention(block.attn, qkv, to_out, choice.by_lengths, choice.rope_kernel)
+        block.ff.ff[0], block.ff.ff[2] = ff1, ff2
+    if device.type == "cuda":
+        for text_block in dit.text_embed.text_blocks:
+            text_block.dwconv = ShiftedSumDepthwiseConv(text_block.dwconv)
+    position = TritonConvPositionEmbedding if choice.triton_conv else ChannelsLastConvPositionEmbedding
+    dit.input_embed.conv_pos_embed = position(dit.input_embed.conv_pos_embed, dtype).to(device)
+    if choice.precision == "mixed":
+        matmuls_in(dit, dtype)  # the rest of the linear layers
+        dit.transformer_blocks = nn.ModuleList(NormedInMatmulDtype(block, dtype) for block in dit.transformer_blocks)
+    if choice.precision == "fp8":  # each block quantizes the next one's q|k|v input; the last one feeds proj_out
+        *blocks, last = dit.transformer_blocks
+        dit.transformer_blocks = nn.ModuleList([*map(fp8.QuantizedNormOut, blocks), last])
+
+
 @dataclass
 class Shape:
     """The static buffers of one (bucket, batch, guided) shape: views into the engine's shared
@@ -245,42 +289,9 @@ class CompiledEngine(nn.Module):
         self.flags, self.choice = flags, choice
         self.buckets, self.batch_sizes, self.max_tokens = flags.buckets, flags.batch_sizes, flags.max_tokens
         self.cuda_graphs = choice.cuda_graphs
-        dit.requires_grad_(False)  # an engine only infers: nothing may trace a backward through its kernels
-        if choice.precision == "mixed":
-            dit.float()  # the low-precision copies below are made from it exactly (its values are `dtype`'s)
         self.dit = dit
         self.branch_stream = torch.cuda.Stream(device) if choice.branch_streams is not None else None
-        if choice.precision == "fp8":
-            fp8_weights = fp8_weights if fp8_weights is not None else fp8.quantize_blocks(dit.transformer_blocks)
-        for i, block in enumerate(dit.transformer_blocks):
-            linears = fp8.block_linears(block)
-            if choice.precision == "fp8":
-                layer = lambda name, out_dtype=dtype, gelu_in=False: fp8.Fp8Linear(
-                    fp8_weights[f"{i}.{name}.weight"].to(device),
-                    fp8_weights[f"{i}.{name}.scale"].to(device),
-                    linears[name][1],
-                    out_dtype,
-                    gelu_in,
-                )
-                qkv, to_out = layer("qkv"), layer("out")
-                # the GELU between the feed-forward's layers runs with ff2's input quantization;
-                # the pre-activation stays in the GEMM's bf16
-                ff1, ff2 = layer("ff1", out_dtype=torch.bfloat16), layer("ff2", gelu_in=True)
-            else:
-                qkv = CastLinear(*linears["qkv"], dtype, upcast=False)
-                to_out, ff1, ff2 = block.attn.to_out[0], GeluLinear(*linears["ff1"], dtype), block.ff.ff[2]
-            block.attn = EngineAttention(block.attn, qkv, to_out, choice.by_lengths, choice.rope_kernel)
-            block.ff.ff[0], block.ff.ff[2] = ff1, ff2
-        if device.type == "cuda":
-            for text_block in dit.text_embed.text_blocks:
-                text_block.dwconv = ShiftedSumDepthwiseConv(text_block.dwconv)
-        position = TritonConvPositionEmbedding if choice.triton_conv else ChannelsLastConvPositionEmbedding
-        dit.input_embed.conv_pos_embed = position(dit.input_embed.conv_pos_embed, dtype).to(device)
-        if choice.precision == "mixed":
-            matmuls_in(dit, dtype)  # the rest of the linear layers
-            dit.transformer_blocks = nn.ModuleList(
-                NormedInMatmulDtype(block, dtype) for block in dit.transformer_blocks
-            )
+        engine_modules(dit, choice, fp8_weights)
         self.step_dtype = torch.float32 if choice.precision == "mixed" else dtype  # what flows between the matmuls
         self.embed_dtype = dit.text_embed.text_embed.weight.dtype
         for block in dit.transformer_blocks:  # one compiled block serves all: the same code, weights as inputs
@@ -301,8 +312,17 @@ class CompiledEngine(nn.Module):
 
     def _flow(self, x, cond, text_emb, condition, padding: Padding) -> torch.Tensor:
         """DiT.flow with cond and text_emb already in the step's dtype (the loop casts them once);
-        the velocity comes back in the step's dtype."""
-        return self.dit.flow(x.to(self.step_dtype), cond, text_emb, condition, padding)
+        the velocity comes back in the step's dtype. A compiled module that would need more graphs
+        than Dynamo keeps (its recompile limit) is an error here, not a module left to run eager."""
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return self.dit.flow(x.to(self.step_dtype), cond, text_emb, condition, padding)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise RuntimeError(
+                f"a compiled module of the engine needed more than torch._dynamo.config.recompile_limit "
+                f"({torch._dynamo.config.recompile_limit}) graphs for {tuple(x.shape)} rows: it would run uncompiled. "
+                "Rerun with TORCH_LOGS=recompiles to see which guard keeps failing."
+            ) from e
 
     def condition(self, time: torch.Tensor) -> list[torch.Tensor]:
         """DiT.condition in the step's dtype: rows of (k, d) modulations, one row per time."""

@@ -9,13 +9,21 @@ y = x W^T + b runs as
 
 448 is e4m3's largest finite value, so every row uses the format's whole range. Per-token
 activation scales follow the spread of the DiT's tokens (reference frames, generated frames and
-padding differ by orders of magnitude). Only the blocks' q|k|v, output and feed-forward linears
-take this path; attention, norms, the position convolutions, the modulation and the ODE state
-stay as the engine's other precisions have them. Off Hopper-class GPUs the same quantized
-operands are multiplied in fp32 (`fp8_matmul` emulates the GEMM), which is what CI checks.
+padding differ by orders of magnitude). Only the blocks' q|k|v and feed-forward linears take
+this path (`reference_layers` says why the attention's output projection does not); attention,
+norms, the position convolutions, the modulation and the ODE state stay as the engine's other
+precisions have them. Off Hopper-class GPUs the same quantized operands are multiplied in fp32
+(`fp8_matmul` emulates the GEMM), which is what CI checks.
+
+Each activation is quantized in the pass that produces it: the feed-forward's input in the norm
+pass before it, its hidden layer with its GELU (kernels/quantize.py), and the next block's q|k|v
+input in the block's last pass over x, where its norm runs; the block hands it on quantized
+(`QuantizedNormOut`, `QuantizedRows`), since one compiled block cannot fuse into the next.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +51,20 @@ def unsupported(device: torch.device) -> str | None:
     return None
 
 
+class QuantizedRows(NamedTuple):
+    """Activations as an FP8 linear layer takes them: q (..., K) e4m3 and scale (..., 1) fp32, a
+    scale per token, x ~= q * scale."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (x_q (M, K) e4m3, scale (M, 1) fp32) with x ~= x_q * scale, a scale per row."""
+    """x (..., K) -> (x_q (..., K) e4m3, scale (..., 1) fp32) with x ~= x_q * scale, a scale per row."""
     amax = x.abs().amax(dim=-1, keepdim=True).float()
     scale = amax.clamp(min=1e-12) / FP8_MAX  # an all-zero row (padding) gets a tiny scale and stays zero
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
@@ -104,7 +124,10 @@ class Fp8Linear(nn.Module):
         """From a float weight (N, K): quantized here (tests and benchmarks; builds store theirs)."""
         return cls(*quantize_rows(weight.detach()), bias, out_dtype, gelu_in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        if isinstance(x, QuantizedRows):  # quantized by the pass that produced it
+            y = fp8_matmul(x.q.flatten(0, -2), x.scale.flatten(0, -2), self.weight, self.scale, self.bias, self.emulate)
+            return y.to(self.out_dtype).unflatten(0, x.shape[:-1])
         flat = x.flatten(0, -2)
         if self.fused_gelu:
             x_q, x_scale = quantize.gelu_quantize_rows(flat)
@@ -114,18 +137,40 @@ class Fp8Linear(nn.Module):
         return y.to(self.out_dtype).unflatten(0, x.shape[:-1])
 
 
+class QuantizedNormOut(nn.Module):
+    """A DiTBlock of an FP8 engine whose output for the next block (its normalised x) comes out
+    quantized for that block's q|k|v (`QuantizedRows`): the quantization joins the norm in the
+    block's last pass over x. Every block but the last is one: the last one's output feeds
+    proj_out, a bf16 linear. Only the first block gets its input unquantized (from DiT.flow)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.attn_norm = block.attn_norm  # DiT.condition reads each block's modulation from it
+
+    def forward(self, *args) -> tuple[torch.Tensor, QuantizedRows]:
+        x, normed = self.block(*args)
+        return x, QuantizedRows(*quantize_rows(normed))
+
+
+def reference_layers(block) -> dict[str, nn.Linear]:
+    """The linear layers of a reference DiTBlock that an FP8 engine runs as FP8 GEMMs. The
+    attention's output projection is not one: measured on an H200, its FP8 GEMM with the
+    quantization of its input is no faster than the bf16 GEMM (bench/kernel_bench.py --only
+    linears), and its input would be one more rounding."""
+    attn, ff = block.attn, block.ff.ff
+    return {"q": attn.to_q, "k": attn.to_k, "v": attn.to_v, "ff1": ff[0][0], "ff2": ff[2]}
+
+
 def block_linears(block) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The FP8 layers of a reference DiTBlock by their engine names: (weight (N, K), bias (N,)),
     q|k|v stacked as the engine's fused projection."""
-    attn, ff = block.attn, block.ff.ff
+    layers = reference_layers(block)
+    qkv = [layers[name] for name in "qkv"]
     return {
-        "qkv": (
-            torch.cat((attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)),
-            torch.cat((attn.to_q.bias, attn.to_k.bias, attn.to_v.bias)),
-        ),
-        "out": (attn.to_out[0].weight, attn.to_out[0].bias),
-        "ff1": (ff[0][0].weight, ff[0][0].bias),
-        "ff2": (ff[2].weight, ff[2].bias),
+        "qkv": (torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv])),
+        "ff1": (layers["ff1"].weight, layers["ff1"].bias),
+        "ff2": (layers["ff2"].weight, layers["ff2"].bias),
     }
 
 

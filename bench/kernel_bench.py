@@ -221,15 +221,15 @@ def bench_linears(tokens: int, dim: int = 1024, ff_mult: int = 2) -> None:
     feed-forward layer) against FP8 rowwise-scaled GEMMs (bf16 out), per call in a graph of 22;
     relL2 against the fp32 layer."""
     hidden = dim * ff_mult
-    for name, k, n, gelu in (
-        ("qkv", dim, 3 * dim, False),
-        ("out", dim, dim, False),
-        ("ff1 (+gelu)", dim, hidden, True),
-        ("ff2 (gelu in)", hidden, dim, False),
+    for name, k, n, gelu, gelu_in in (  # gelu: on the output (fp16's epilogue); gelu_in: the input's
+        ("qkv", dim, 3 * dim, False, False),
+        ("out", dim, dim, False, False),
+        ("ff1 (+gelu)", dim, hidden, True, False),
+        ("ff2 (gelu in)", hidden, dim, False, True),
     ):
         weight, bias = torch.randn(n, k, device="cuda") / k**0.5, torch.randn(n, device="cuda") / 10
         x = torch.randn(tokens, k, device="cuda")
-        if name.startswith("ff2"):
+        if gelu_in:
             x = F.gelu(x, approximate="tanh")  # what the second layer multiplies
         want = F.linear(x, weight, bias)
         want = F.gelu(want, approximate="tanh") if gelu else want

@@ -126,12 +126,11 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         if isinstance(x, QuantizedRows):  # quantized by the pass that produced it
-            y = fp8_matmul(x.q.flatten(0, -2), x.scale.flatten(0, -2), self.weight, self.scale, self.bias, self.emulate)
-            return y.to(self.out_dtype).unflatten(0, x.shape[:-1])
-        flat = x.flatten(0, -2)
-        if self.fused_gelu:
-            x_q, x_scale = quantize.gelu_quantize_rows(flat)
+            x_q, x_scale = x.q.flatten(0, -2), x.scale.flatten(0, -2)
+        elif self.fused_gelu:
+            x_q, x_scale = quantize.gelu_quantize_rows(x.flatten(0, -2))
         else:
+            flat = x.flatten(0, -2)
             x_q, x_scale = quantize_rows(F.gelu(flat.float(), approximate="tanh") if self.gelu_in else flat)
         y = fp8_matmul(x_q, x_scale, self.weight, self.scale, self.bias, self.emulate)
         return y.to(self.out_dtype).unflatten(0, x.shape[:-1])

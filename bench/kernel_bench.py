@@ -242,6 +242,9 @@ def bench_linears(tokens: int, dim: int = 1024, ff_mult: int = 2) -> None:
             "fp16 GEMM": torch.compile(lambda: fp16(x16), dynamic=False),
             "fp8, quantize + GEMM": torch.compile(lambda: layer(x16), dynamic=False),
             "fp8, GEMM of a quantized input": torch.compile(lambda: layer(quantized), dynamic=False),
+            "fp8, the same, split accumulation": lambda: fp8.fp8_matmul(
+                *quantized, layer.weight, layer.scale, layer.bias, fast_accum=False
+            ),
             "fp8, quantize alone": lambda: quantize(x16),
         }
         for label, fn in variants.items():

@@ -299,7 +299,7 @@ def test_the_triton_position_convolution_computes_the_reference():
 
 GELU_QUANTIZE_CHECK = """
 import torch, triton
-from indicf5.backends.compiled.kernels.quantize import ROW_ELEMENTS, WARPS, _gelu_quantize_rows_kernel
+from indicf5.backends.compiled.kernels.quantize import _gelu_quantize_rows_kernel, tile
 torch.manual_seed(0)
 x = (torch.randn(13, 256) * 3).to(torch.bfloat16)
 x[5] = 0  # a padding row
@@ -307,8 +307,8 @@ gelu = torch.nn.functional.gelu(x.float(), approximate="tanh")
 want_scale = gelu.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
 want = (gelu / want_scale).clamp(-448.0, 448.0)
 scaled, scale = torch.empty(13, 256), torch.empty(13, 1)  # fp32 where the engine stores e4m3: the values uncast
-block = ROW_ELEMENTS // 256
-_gelu_quantize_rows_kernel[(triton.cdiv(13, block),)](x, scaled, scale, 13, K=256, BLOCK_M=block, num_warps=WARPS)
+block, warps = tile(256)
+_gelu_quantize_rows_kernel[(triton.cdiv(13, block),)](x, scaled, scale, 13, K=256, BLOCK_M=block, num_warps=warps)
 scale_err = (scale - want_scale).abs().max() / want_scale.max()
 print(float(scale_err), float((scaled - want).abs().max()), float(scaled.abs().max()))
 """
@@ -422,9 +422,9 @@ def test_the_triton_kernels_compile_for_hopper(dtype):
     gelu_quantize = ASTSource(
         fn=quantize_kernel._gelu_quantize_rows_kernel,
         signature={"x_ptr": pointer, "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", **CONSTANT_ROWS},
-        constexprs={"K": 2048, "BLOCK_M": quantize_kernel.ROW_ELEMENTS // 2048},
+        constexprs={"K": 2048, "BLOCK_M": quantize_kernel.tile(2048)[0]},
     )
-    quantized = triton_compile(gelu_quantize, target=hopper, options={"num_warps": quantize_kernel.WARPS})
+    quantized = triton_compile(gelu_quantize, target=hopper, options={"num_warps": quantize_kernel.tile(2048)[1]})
     assert "cvt.rn.satfinite.e4m3x2.f32" in quantized.asm["ptx"]  # round to nearest, as torch's cast
     for source, warps in ((rope, 4), (conv, conv_kernel.WARPS), (attention, padded_attention.WARPS)):
         compiled = triton_compile(source, target=hopper, options={"num_warps": warps})

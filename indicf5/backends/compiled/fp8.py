@@ -81,10 +81,17 @@ def fp8_matmul(
     w_scale: torch.Tensor,
     bias: torch.Tensor,
     emulate: bool = False,
+    fast_accum: bool = True,
 ) -> torch.Tensor:
     """(x_q * x_scale) @ (w_q * w_scale)^T + bias: x_q (M, K), x_scale (M, 1), w_q (N, K), w_scale (N, 1).
     One rowwise-scaled FP8 GEMM with the bias in its epilogue (bf16 out), or with `emulate` the
-    same quantized operands multiplied in fp32 (for devices without FP8 tensor cores)."""
+    same quantized operands multiplied in fp32 (for devices without FP8 tensor cores).
+
+    With `fast_accum` (the engine's) the GEMM keeps its sums in the tensor cores' accumulator
+    throughout, rather than promoting them to full fp32 on the CUDA cores every few k-steps: on an
+    H200 10-20% faster at a step's token counts, at an error against the exact product of the
+    quantized operands of 1.75e-3 / 1.96e-3 (q|k|v / second feed-forward) instead of 1.67e-3 /
+    1.68e-3, twenty times below the error of the quantization itself (3.7e-2)."""
     if emulate:
         return dequantize(x_q, x_scale) @ dequantize(w_q, w_scale).t() + bias.float()
     return torch._scaled_mm(
@@ -94,6 +101,7 @@ def fp8_matmul(
         scale_b=w_scale.view(1, -1),
         bias=bias.to(torch.bfloat16),
         out_dtype=torch.bfloat16,
+        use_fast_accum=fast_accum,
     )
 
 

@@ -17,8 +17,10 @@ import triton
 import triton.language as tl
 
 FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)  # 448 (a kernel reads only constexpr globals)
-ROW_ELEMENTS = 8192  # elements a program holds: rows of 2048 go 4 to a program
-WARPS = 8
+ROW_ELEMENTS = 8192  # the longest row a program holds
+# Timed on an H200 at 2000-36864 rows of 2048 (bench/results/kernels-h200-2026-12-04-fp8-accumulation.txt):
+# one row a program with 2 warps beats 4 rows with 8 by 10% (64.5 vs 72.6 us at 36864 rows).
+PROGRAM_ELEMENTS = 2048
 
 
 @triton.jit
@@ -32,6 +34,11 @@ def _gelu_quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, rows, K: tl.constexpr, B
     q = tl.clamp(g / scale[:, None], -FP8_MAX, FP8_MAX)
     tl.store(q_ptr + offsets, q.to(q_ptr.dtype.element_ty), mask=inside)
     tl.store(scale_ptr + m, scale, mask=m < rows)
+
+
+def tile(k: int) -> tuple[int, int]:
+    """(rows a program holds, warps) for rows of k elements."""
+    return max(1, PROGRAM_ELEMENTS // k), max(2, k // 1024)
 
 
 def holds_rows_of(k: int) -> bool:
@@ -49,8 +56,8 @@ def gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     q = torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
-    block = max(1, ROW_ELEMENTS // k)
-    _gelu_quantize_rows_kernel[(triton.cdiv(rows, block),)](x, q, scale, rows, K=k, BLOCK_M=block, num_warps=WARPS)
+    block, warps = tile(k)
+    _gelu_quantize_rows_kernel[(triton.cdiv(rows, block),)](x, q, scale, rows, K=k, BLOCK_M=block, num_warps=warps)
     return q, scale
 
 

@@ -26,6 +26,16 @@ def run_python(script: str, *args: str, **env: str) -> str:
     return done.stdout
 
 
+def test_the_engine_turns_cublaslt_s_workspace_off_unless_the_user_set_one():
+    """Its split-K GEMMs put a Memset node before each in the graph (engine.py says why); the
+    variable must be set at import, before torch's first cuBLASLt call, and a user's value kept."""
+    script = "import os, indicf5.backends.compiled; print(os.environ['CUBLASLT_WORKSPACE_SIZE'])"
+    env = {k: v for k, v in os.environ.items() if k != "CUBLASLT_WORKSPACE_SIZE"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stderr[-2000:]
+    assert run_python(script, CUBLASLT_WORKSPACE_SIZE="4096").strip() == "4096"
+
+
 def test_bucket_choice():
     assert (
         bucket_for(100, (128, 256)) == 128 and bucket_for(128, (128, 256)) == 128 and bucket_for(129, (128, 256)) == 256

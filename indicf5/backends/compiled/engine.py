@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import shutil
 import sys
 import time
@@ -93,6 +94,15 @@ from indicf5.backends.eager import WEIGHTS, EagerBackend
 from indicf5.config import TORCH_DTYPES
 from indicf5.model import DiT
 from indicf5.sampler import GuidedVelocity, lengths_to_mask
+
+# With a workspace, cuBLASLt picks split-K / stream-K GEMMs for some shapes of a step, and each
+# puts a Memset node (zeroing its workspace) before its GEMM in a CUDA graph, where the GPU idles
+# around it: an H200's FP8 replay at 1000 frames idled 7.1 ms with the 22 memsets a step, 3.8 ms
+# without. Without a workspace its GEMMs are up to 12% faster at one utterance's token counts and
+# within 5% either way at a batch's (fp16 and FP8, the block's four layers at 2000-36864 tokens:
+# bench/results/kernels-h200-2026-12-04-cublaslt-workspace.txt).
+# torch reads the variable at its cuBLASLt calls, so it is set before any; a value the user set wins.
+os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ the fp32 reference.
 - Rotary positions on the first head: the compiled copy against the in-place kernel (kernels/rope.py).
 - The block's linear layers (q|k|v, output, the feed-forward's two) at a step's token count: the
   fp16 GEMM against FP8 (fp8.py): the layer quantizing its own input, the GEMM alone on an input
-  quantized upstream, and the quantization alone; each compiled, per call in a graph of 22.
+  quantized upstream (with the engine's fast accumulation, and with split accumulation), and the
+  quantization alone; each compiled, per call in a graph of 22.
 
     python bench/kernel_bench.py [--frames 1024 2048] [--dtype fp16 bf16] [--only attention rope linears] \
         [--tokens 2048 36864]
@@ -285,8 +286,12 @@ def main() -> None:
                 if "rope" in args.only:
                     bench_rope(n, dtype_name)
         if "linears" in args.only:
-            for tokens in args.tokens:
-                bench_linears(tokens, args.dim)
+            # each token count compiles the variants' lambdas again: a fresh Dynamo state per count
+            # keeps them under its recompile limit, past which they would be timed uncompiled
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                for tokens in args.tokens:
+                    torch._dynamo.reset()
+                    bench_linears(tokens, args.dim)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,22 @@ CUDA_FP8 = pytest.mark.skipif(
 )
 
 
+def test_the_fp8_gemm_asks_for_rowwise_scales_the_bias_and_fast_accumulation(monkeypatch):
+    """What the engine's GEMM asks torch._scaled_mm for (CPUs have none, so its arguments are
+    recorded): per-token and per-channel scales, the bias in bf16, bf16 out, and the tensor cores'
+    fast accumulation (docs/performance.md, "FP8 engine"); split accumulation only when asked."""
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: calls.append((a, b, kw)) or a.float() @ b.float())
+    x_q, x_scale = fp8.quantize_rows(torch.randn(5, 16))
+    w_q, w_scale = fp8.quantize_rows(torch.randn(8, 16))
+    fp8.fp8_matmul(x_q, x_scale, w_q, w_scale, torch.zeros(8))
+    fp8.fp8_matmul(x_q, x_scale, w_q, w_scale, torch.zeros(8), fast_accum=False)
+    (a, b, fast), (_, _, split) = calls
+    assert a is x_q and b.shape == (16, 8) and fast["scale_a"] is x_scale and fast["scale_b"].shape == (1, 8)
+    assert fast["bias"].dtype == fast["out_dtype"] == torch.bfloat16
+    assert fast["use_fast_accum"] is True and split["use_fast_accum"] is False
+
+
 @CUDA_FP8
 def test_the_fp8_gemm_is_its_emulation_on_the_gpu():
     torch.manual_seed(2)
